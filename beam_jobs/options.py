@@ -1,0 +1,99 @@
+"""The job's command-line options, typed, grouped and explained in ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+
+from apache_beam.options.pipeline_options import (
+    DirectOptions,
+    FlinkRunnerOptions,
+    PipelineOptions,
+    PortableOptions,
+    SetupOptions,
+    StandardOptions,
+)
+
+from models.artifact import BUNDLED_MODEL_DIR
+from schemas.serde import WIRE_FORMATS
+from transforms.kafka_client import START_FROM_CHOICES
+
+# (group, flag, argparse keywords): one table for parsing and for --help.
+_OPTIONS: list[tuple[str, str, dict]] = [
+    ("Kafka", "--bootstrap_servers", dict(
+        default="localhost:9092", help="Kafka bootstrap servers, comma-separated (default localhost:9092)")),
+    ("Kafka", "--input_topic", dict(default="sensor-events", help="SensorEvent topic to score (default sensor-events)")),
+    ("Kafka", "--score_topic", dict(
+        default="sensor-scores", help="topic for SensorScore records (default sensor-scores)")),
+    ("Kafka", "--drift_topic", dict(
+        default="sensor-drift", help="topic for DriftStatistics records (default sensor-drift)")),
+    ("Kafka", "--dead_letter_topic", dict(
+        default="sensor-dead-letters",
+        help="topic for DeadLetter records: bad input, failed inference (default sensor-dead-letters)")),
+    ("Kafka", "--consumer_group", dict(
+        default="sensor-scoring",
+        help="group whose offsets are committed once outputs are written (default sensor-scoring)")),
+    ("Kafka", "--start_from", dict(
+        choices=START_FROM_CHOICES, default="committed",
+        help="where each partition starts; committed falls back to earliest (default committed)")),
+    ("Kafka", "--bounded", dict(
+        action="store_true",
+        help="read each partition up to its end offset at launch, then finish (tests, replays, benchmarks); "
+             "without it the job runs until stopped")),
+    ("Kafka", "--topic_partitions", dict(
+        type=int, default=4, help="partitions of the topics the job creates because they are missing (default 4)")),
+    ("Kafka", "--wire_format", dict(
+        choices=WIRE_FORMATS, default="plain",
+        help="plain schemaless Avro (default), or confluent framing with ids from schemas/registry.json")),
+    ("Model", "--model_dir", dict(
+        default=str(BUNDLED_MODEL_DIR),
+        help="model artifact folder written by python -m models.train (default: the bundled model)")),
+    ("Model", "--state_ttl_s", dict(
+        type=float, default=600.0,
+        help="event-time gap after which a device's state is reset and its memory reclaimed (default 600)")),
+    ("Model", "--calibration_events", dict(
+        type=int, default=60,
+        help="per-device warm-up events that fit the device's baseline; no alarms during them (default 60)")),
+    ("Model", "--max_batch_size", dict(
+        type=int, default=256, help="largest RunInference batch across devices (default 256)")),
+    ("Model", "--inference_device", dict(
+        choices=("CPU", "GPU"), default="CPU", help="where RunInference runs the scoring head (default CPU)")),
+]
+
+# Beam itself registers --bootstrap_servers (KafkaStreamsRunnerOptions) with the
+# same meaning and default; adding it again would be an argparse conflict.
+_REGISTERED_BY_BEAM = {"--bootstrap_servers"}
+
+# Beam's own options most users of this job need, shown in --help.
+_BEAM_GROUPS = [StandardOptions, DirectOptions, FlinkRunnerOptions, PortableOptions, SetupOptions]
+
+
+class SensorScoringOptions(PipelineOptions):
+    """Options of ``python -m beam_jobs.sensor_scoring``; every Beam flag works too."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser) -> None:
+        for _, flag, kwargs in _OPTIONS:
+            if flag not in _REGISTERED_BY_BEAM:
+                parser.add_argument(flag, **kwargs)
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.get_all_options()["bootstrap_servers"]
+
+
+def help_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser used only to print --help: the job's options by group, then Beam's."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, usage="%(prog)s [options]",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for group, flag, kwargs in _OPTIONS:
+        if group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        groups[group].add_argument(flag, **kwargs)
+    for options_class in _BEAM_GROUPS:
+        beam_parser = argparse.ArgumentParser(add_help=False)
+        options_class._add_argparse_args(beam_parser)
+        group = parser.add_argument_group(f"Beam {options_class.__name__}")
+        for action in beam_parser._actions:
+            group._add_action(action)
+    return parser

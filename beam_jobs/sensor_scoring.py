@@ -1,0 +1,91 @@
+"""The streaming anomaly-scoring job.
+
+    python -m beam_jobs.sensor_scoring [--bootstrap_servers HOST:PORT] [--bounded] [Beam flags ...]
+
+Reads SensorEvent messages from Kafka, scores each with the per-device LSTM
+and writes SensorScore messages; undecodable or invalid input goes to the
+dead-letter topic with the reason. Offsets are committed to the consumer
+group only after the outputs of every record before them were written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_jobs.options import SensorScoringOptions, help_parser
+from models.artifact import ModelArtifactError, load_artifact
+from transforms.kafka_client import BrokerUnavailable, KafkaConfig, ensure_topics, resolve_partitions
+from transforms.kafka_sink import WriteToKafka
+from transforms.kafka_source import ReadFromKafkaPartitions
+from transforms.offset_commits import CommitOffsets
+from transforms.score_records import ScoreSensorRecords
+
+_LOG = logging.getLogger("sensor_scoring")
+
+
+def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitions) -> None:
+    """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
+    config = KafkaConfig(opts.bootstrap_servers)
+    records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
+    scores, dead_letters = records | "ScoreRecords" >> ScoreSensorRecords(
+        model_dir=opts.model_dir, state_ttl_s=opts.state_ttl_s, calibration_events=opts.calibration_events,
+        max_batch_size=opts.max_batch_size, wire_format=opts.wire_format, inference_device=opts.inference_device,
+    )
+    score_acks = scores | "WriteScores" >> WriteToKafka(config, opts.score_topic)
+    dead_acks = dead_letters | "WriteDeadLetters" >> WriteToKafka(config, opts.dead_letter_topic)
+    _ = (
+        (score_acks, dead_acks)
+        | "AllAcks" >> beam.Flatten()
+        | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
+    )
+
+
+def prepare(opts: SensorScoringOptions):
+    """Checks the model and the broker before anything runs; returns the partitions to read."""
+    load_artifact(opts.model_dir)
+    config = KafkaConfig(opts.bootstrap_servers)
+    ensure_topics(config, [opts.input_topic, opts.score_topic, opts.drift_topic, opts.dead_letter_topic],
+                  partitions=opts.topic_partitions)
+    return resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
+
+
+def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
+    options = PipelineOptions(argv)
+    opts = options.view_as(SensorScoringOptions)
+    options.view_as(StandardOptions).streaming = not opts.bounded
+    partitions = prepare(opts)
+    _LOG.info("reading %s: %s", opts.input_topic,
+              ", ".join(f"p{p.partition}@{p.start_offset}..{p.stop_offset or 'end'}" for p in partitions))
+    pipeline = beam.Pipeline(options=options)
+    build_pipeline(pipeline, opts, partitions)
+    result = pipeline.run()
+    try:
+        result.wait_until_finish()
+    except KeyboardInterrupt:
+        _LOG.info("stopping")
+        result.cancel()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("kafka", "apache_beam"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--help" in argv or "-h" in argv:
+        help_parser("python -m beam_jobs.sensor_scoring", __doc__).print_help()
+        return
+    try:
+        run(argv)
+    except (BrokerUnavailable, ModelArtifactError) as e:
+        _LOG.error("%s", e)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Per-device state: LSTM hidden state, imputation and normalisation, expiry.
+
+:class:`DeviceLogic` is the whole behaviour as a plain class, testable without
+a pipeline; :class:`DeviceStateDoFn` only adapts it to Beam state and timers.
+
+Ordering and lateness policy (documented in the README):
+
+* Events of a device advance its LSTM one step each, in arrival order as long
+  as event times do not go backwards.
+* An out-of-order event (event_time before the device's latest) is scored
+  against the current state but does not advance it, so the state stays a
+  function of the in-order events; it is counted in ``out_of_order_events``.
+* Expiry is decided by the event stream alone: when a device's next event is
+  ``state_ttl`` or more after its previous one, the state is reset first.
+* An event-time timer at ``last event + state_ttl`` reclaims the memory of
+  idle devices. Runners may fire it early (the in-process FnApiRunner does
+  with unbounded sources), so the timer clears state only when the source
+  watermark carried by this partition's records has passed the expiry time;
+  then every later on-time event of the device would reset it anyway, and
+  clearing cannot change a score. Otherwise the timer is re-armed later.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Optional
+
+import apache_beam as beam
+import numpy as np
+import torch
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
+from apache_beam.utils.timestamp import Timestamp
+
+from models.artifact import ModelArtifact, cached_artifact
+from models.lstm import NumpyLstmCell
+from models.preprocessing import FeaturePreprocessor, readings_vector
+from transforms.decode import ValidEvent
+
+_METRICS = "device_state"
+MAX_TIMER_REARMS = 8
+
+
+class DeviceState:
+    """Everything kept for one device between its events."""
+
+    __slots__ = ("h", "c", "features", "last_event_time", "partition", "rearms")
+
+    def __init__(self, h: np.ndarray, c: np.ndarray, features: FeaturePreprocessor):
+        self.h = h
+        self.c = c
+        self.features = features
+        self.last_event_time = -1
+        self.partition = ""
+        self.rearms = 0
+
+    def __getstate__(self):
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, values):
+        for name, value in zip(self.__slots__, values):
+            setattr(self, name, value)
+
+
+class ScoringContext(NamedTuple):
+    """What the score record needs besides the model output."""
+
+    event: ValidEvent
+    imputed: tuple[str, ...]
+    calibrating: bool
+
+
+class StepResult(NamedTuple):
+    state: DeviceState
+    model_input: np.ndarray  # [h_{t-1}, x_t, m_t]
+    imputed: tuple[str, ...]
+    calibrating: bool
+    reset: bool
+    in_order: bool
+
+
+class DeviceLogic:
+    """One device's life: on_event, expires_at, may_clear."""
+
+    def __init__(self, artifact: ModelArtifact, state_ttl_ms: int, calibration_events: int):
+        self.features = artifact.features
+        self._cell: NumpyLstmCell = artifact.lstm_cell()
+        self._ref_mean = artifact.reference_mean
+        self._ref_std = artifact.reference_std
+        self.state_ttl_ms = state_ttl_ms
+        self._calibration_events = calibration_events
+
+    def new_state(self) -> DeviceState:
+        h, c = self._cell.initial_state()
+        return DeviceState(h, c, FeaturePreprocessor(self._ref_mean, self._ref_std, self._calibration_events))
+
+    def on_event(self, state: Optional[DeviceState], event_time: int, readings: dict, partition: str) -> StepResult:
+        """Prepares the event's model input and advances the state by one step."""
+        reset = state is not None and event_time - state.last_event_time >= self.state_ttl_ms
+        if state is None or reset:
+            state = self.new_state()
+        values = readings_vector(readings, self.features)
+        imputed = tuple(name for name, v in zip(self.features, values) if np.isnan(v))
+        in_order = event_time >= state.last_event_time
+        features = state.features if in_order else _copy_preprocessor(state.features)
+        calibrating = features.calibrating
+        x, mask = features.transform(values)
+        model_input = np.concatenate([state.h, x, mask])
+        if in_order:
+            state.h, state.c = self._cell.step(np.concatenate([x, mask]), state.h, state.c)
+            state.last_event_time = event_time
+            state.partition = partition
+            state.rearms = 0
+        return StepResult(state, model_input, imputed, calibrating, reset, in_order)
+
+    def expires_at(self, state: DeviceState) -> int:
+        return state.last_event_time + self.state_ttl_ms
+
+    def may_clear(self, state: DeviceState, source_watermark_ms: int) -> bool:
+        """True when clearing now cannot change any on-time score."""
+        return self.expires_at(state) <= source_watermark_ms
+
+
+def _copy_preprocessor(pre: FeaturePreprocessor) -> FeaturePreprocessor:
+    """A throwaway copy, so an out-of-order event leaves the real state untouched."""
+    copy = FeaturePreprocessor.__new__(FeaturePreprocessor)
+    for name in FeaturePreprocessor.__slots__:
+        value = getattr(pre, name)
+        setattr(copy, name, value.copy() if isinstance(value, np.ndarray) else value)
+    return copy
+
+
+class DeviceStateDoFn(beam.DoFn):
+    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input tensor) out."""
+
+    DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
+    EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
+
+    def __init__(self, model_dir: str, state_ttl_s: float, calibration_events: int):
+        self._model_dir = model_dir
+        self._state_ttl_ms = int(state_ttl_s * 1000)
+        self._calibration_events = calibration_events
+        counter = beam.metrics.Metrics.counter
+        self._events = counter(_METRICS, "events")
+        self._out_of_order = counter(_METRICS, "out_of_order_events")
+        self._resets = counter(_METRICS, "state_resets_after_gap")
+        self._new_devices = counter(_METRICS, "devices_started")
+        self._expired = counter(_METRICS, "state_expirations")
+        self._early_timers = counter(_METRICS, "early_timer_firings")
+
+    def setup(self) -> None:
+        self._logic = DeviceLogic(cached_artifact(self._model_dir), self._state_ttl_ms, self._calibration_events)
+        self._source_watermarks: dict[str, int] = {}
+
+    def process(
+        self,
+        element: tuple[str, ValidEvent],
+        device=beam.DoFn.StateParam(DEVICE),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+    ) -> Iterator[tuple[ScoringContext, torch.Tensor]]:
+        _, event = element
+        partition = f"{event.source.topic}:{event.source.partition}"
+        if event.watermark_ms > self._source_watermarks.get(partition, -1):
+            self._source_watermarks[partition] = event.watermark_ms
+        previous = device.read()
+        step = self._logic.on_event(previous, event.event_time, event.readings, partition)
+        device.write(step.state)
+        self._count(previous, step)
+        if step.in_order:
+            expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
+        yield ScoringContext(event, step.imputed, step.calibrating), torch.from_numpy(step.model_input)
+
+    def _count(self, previous: Optional[DeviceState], step: StepResult) -> None:
+        self._events.inc()
+        if previous is None:
+            self._new_devices.inc()
+        if step.reset:
+            self._resets.inc()
+        if not step.in_order:
+            self._out_of_order.inc()
+
+    @on_timer(EXPIRY)
+    def expire(
+        self,
+        fire_time=beam.DoFn.TimestampParam,
+        device=beam.DoFn.StateParam(DEVICE),
+        expiry=beam.DoFn.TimerParam(EXPIRY),
+    ) -> None:
+        state: Optional[DeviceState] = device.read()
+        if state is None:
+            return
+        fire_ms = fire_time.micros // 1000
+        if self._logic.may_clear(state, self._source_watermarks.get(state.partition, -1)):
+            device.clear()
+            self._expired.inc()
+            return
+        self._early_timers.inc()
+        if state.rearms < MAX_TIMER_REARMS:
+            state.rearms += 1
+            device.write(state)
+            expiry.set(Timestamp.of((fire_ms + self._logic.state_ttl_ms * 2**state.rearms) / 1000))

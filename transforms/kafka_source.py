@@ -1,0 +1,185 @@
+"""Reads Kafka partitions with a splittable DoFn over offset ranges (no Java).
+
+Each element is a :class:`PartitionDescriptor`; its restriction is the offset
+range still to read. A ``process()`` call reads at most ``max_records_per_call``
+records or ``max_seconds_per_call`` seconds and then checkpoints with
+``defer_remainder``, so a runner such as Flink can snapshot between calls.
+Consumers use manual assignment only, as Beam's KafkaIO does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterator, NamedTuple, Optional
+
+import apache_beam as beam
+from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
+from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
+from apache_beam.utils.timestamp import Duration, Timestamp
+from kafka import KafkaConsumer, TopicPartition
+
+from transforms.kafka_client import KafkaConfig, PartitionDescriptor, make_consumer
+
+_LOG = logging.getLogger(__name__)
+_UNBOUNDED_STOP = 2**63 - 1
+_METRICS = "kafka_source"
+
+
+class KafkaRecord(NamedTuple):
+    """One Kafka message and where it came from.
+
+    ``span_start`` is the first offset this record accounts for: offsets
+    between the previous record and this one (compaction, transaction markers)
+    are acknowledged together with it, so committed offsets can advance past them.
+    ``watermark_ms`` is the partition's watermark when the record was read.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+    span_start: int
+    key: Optional[bytes]
+    value: bytes
+    timestamp_ms: int
+    watermark_ms: int
+
+
+class _UnboundedOffsetTracker(OffsetRestrictionTracker):
+    def is_bounded(self) -> bool:
+        return False
+
+
+class _OffsetRangeProvider(RestrictionProvider):
+    def initial_restriction(self, element: PartitionDescriptor) -> OffsetRange:
+        stop = _UNBOUNDED_STOP if element.stop_offset is None else element.stop_offset
+        return OffsetRange(element.start_offset, max(stop, element.start_offset))
+
+    def create_tracker(self, restriction: OffsetRange) -> OffsetRestrictionTracker:
+        if restriction.stop == _UNBOUNDED_STOP:
+            return _UnboundedOffsetTracker(restriction)
+        return OffsetRestrictionTracker(restriction)
+
+    def restriction_size(self, element: PartitionDescriptor, restriction: OffsetRange) -> int:
+        return 1 if restriction.stop == _UNBOUNDED_STOP else restriction.size()
+
+    def truncate(self, element: PartitionDescriptor, restriction: OffsetRange) -> Optional[OffsetRange]:
+        # On drain an unbounded read stops; a bounded one is finished.
+        return None if restriction.stop == _UNBOUNDED_STOP else restriction
+
+
+class _ManualWatermarkProvider(WatermarkEstimatorProvider):
+    def initial_estimator_state(self, element: PartitionDescriptor, restriction: OffsetRange) -> None:
+        return None
+
+    def create_watermark_estimator(self, estimator_state: Optional[Timestamp]) -> ManualWatermarkEstimator:
+        return ManualWatermarkEstimator(estimator_state)
+
+
+class _ReadPartitionFn(beam.DoFn):
+    """Polls one partition per element; see the module docstring."""
+
+    def __init__(
+        self,
+        config: KafkaConfig,
+        *,
+        max_records_per_call: int = 5000,
+        max_seconds_per_call: float = 1.0,
+        poll_timeout_ms: int = 200,
+        idle_resume_s: float = 0.2,
+    ):
+        self._config = config
+        self._max_records = max_records_per_call
+        self._max_seconds = max_seconds_per_call
+        self._poll_timeout_ms = poll_timeout_ms
+        self._idle_resume_s = idle_resume_s
+        self._records_read = beam.metrics.Metrics.counter(_METRICS, "records_read")
+        self._idle_polls = beam.metrics.Metrics.counter(_METRICS, "idle_polls")
+
+    def setup(self) -> None:
+        self._consumers: dict[TopicPartition, KafkaConsumer] = {}
+
+    def teardown(self) -> None:
+        for consumer in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
+
+    def _consumer_at(self, tp: TopicPartition, offset: int) -> KafkaConsumer:
+        consumer = self._consumers.get(tp)
+        if consumer is None:
+            consumer = make_consumer(self._config, max_partition_fetch_bytes=4 * 1024 * 1024)
+            consumer.assign([tp])
+            self._consumers[tp] = consumer
+        if consumer.position(tp) != offset:
+            consumer.seek(tp, offset)
+        return consumer
+
+    def process(
+        self,
+        element: PartitionDescriptor,
+        tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_OffsetRangeProvider()),
+        watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(_ManualWatermarkProvider()),
+    ) -> Iterator[beam.window.TimestampedValue]:
+        tp = TopicPartition(element.topic, element.partition)
+        restriction = tracker.current_restriction()
+        consumer = self._consumer_at(tp, restriction.start)
+        next_span = restriction.start
+        wm_ms = _millis(watermark.current_watermark())
+        deadline = time.monotonic() + self._max_seconds
+        emitted = 0
+        while emitted < self._max_records and time.monotonic() < deadline:
+            poll_started = time.monotonic()
+            batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._max_records - emitted).get(tp)
+            if not batch:
+                if consumer.position(tp) >= restriction.stop:
+                    tracker.try_claim(restriction.stop)  # the bounded range is read
+                    return
+                self._idle_polls.inc()
+                # Caught up: event time moves on with the wall clock while nothing arrives.
+                idle_ms = int((time.monotonic() - poll_started + self._idle_resume_s) * 1000)
+                if wm_ms is not None:
+                    watermark.set_watermark(Timestamp.of((wm_ms + idle_ms) / 1000))
+                tracker.defer_remainder(Duration.of(self._idle_resume_s))
+                return
+            for record in batch:
+                if not tracker.try_claim(record.offset):
+                    return
+                wm_ms = record.timestamp if wm_ms is None else max(wm_ms, record.timestamp)
+                yield beam.window.TimestampedValue(
+                    KafkaRecord(
+                        record.topic, record.partition, record.offset, next_span,
+                        record.key, record.value, record.timestamp, wm_ms,
+                    ),
+                    Timestamp.of(record.timestamp / 1000),
+                )
+                next_span = record.offset + 1
+            emitted += len(batch)
+            self._records_read.inc(len(batch))
+            watermark.set_watermark(Timestamp.of(wm_ms / 1000))
+        tracker.defer_remainder()
+
+
+def _millis(ts: Optional[Timestamp]) -> Optional[int]:
+    if ts is None or ts <= beam.utils.timestamp.MIN_TIMESTAMP:
+        return None
+    return ts.micros // 1000
+
+
+class ReadFromKafkaPartitions(beam.PTransform):
+    """Reads the given partitions; each from its start offset to its stop offset or forever."""
+
+    def __init__(self, config: KafkaConfig, partitions: list[PartitionDescriptor], **read_options):
+        super().__init__()
+        if not partitions:
+            raise ValueError("no partitions to read")
+        self._config = config
+        self._partitions = partitions
+        self._read_options = read_options
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[KafkaRecord]:
+        return (
+            pbegin
+            | "Partitions" >> beam.Create(self._partitions)
+            | "Read" >> beam.ParDo(_ReadPartitionFn(self._config, **self._read_options)).with_output_types(KafkaRecord)
+        )

@@ -1,0 +1,136 @@
+"""Commits consumed offsets only once every record before them has been written.
+
+Each sink reports, per bundle, the offset spans of the input records whose
+outputs (scores or dead letters) the broker acknowledged. This stateful DoFn,
+keyed by partition, joins the spans into a contiguous prefix and commits its
+end to the consumer group after its own bundle is finalised, that is after
+the runner has made the state that justifies the commit durable.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Iterable, Iterator, NamedTuple
+
+import apache_beam as beam
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
+from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
+
+from transforms.kafka_client import KafkaConfig, PartitionDescriptor, make_consumer
+
+_LOG = logging.getLogger(__name__)
+_METRICS = "offset_commits"
+
+
+class SourcePosition(NamedTuple):
+    """Where an input record came from; ``[span_start, offset]`` is what its output acknowledges."""
+
+    topic: str
+    partition: int
+    offset: int
+    span_start: int
+
+
+Span = tuple[int, int]  # [start, end) offsets
+
+
+def partition_key(topic: str, partition: int) -> str:
+    return f"{topic}:{partition}"
+
+
+def compact_spans(positions: Iterable[SourcePosition]) -> dict[str, list[Span]]:
+    """Acknowledged positions as few [start, end) spans per partition."""
+    per_partition: dict[str, list[Span]] = {}
+    for p in positions:
+        per_partition.setdefault(partition_key(p.topic, p.partition), []).append((p.span_start, p.offset + 1))
+    return {key: merge_spans(spans) for key, spans in per_partition.items()}
+
+
+def merge_spans(spans: Iterable[Span]) -> list[Span]:
+    merged: list[Span] = []
+    for start, end in sorted(spans):
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def advance(committed: int, pending: list[Span]) -> tuple[int, list[Span]]:
+    """The new contiguous end and the spans still waiting for a gap to fill."""
+    remaining = []
+    for start, end in merge_spans(pending):
+        if start <= committed:
+            committed = max(committed, end)
+        else:
+            remaining.append((start, end))
+    return committed, remaining
+
+
+class _CommitContiguousFn(beam.DoFn):
+    NEXT_OFFSET = ReadModifyWriteStateSpec("next_offset", PickleCoder())
+    PENDING = ReadModifyWriteStateSpec("pending_spans", PickleCoder())
+
+    def __init__(self, config: KafkaConfig, group_id: str, start_offsets: dict[str, int]):
+        self._config = config
+        self._group_id = group_id
+        self._start_offsets = start_offsets
+        self._commits = beam.metrics.Metrics.counter(_METRICS, "commits")
+        self._waiting = beam.metrics.Metrics.gauge(_METRICS, "spans_waiting_for_gap")
+
+    def setup(self) -> None:
+        self._consumer = make_consumer(self._config, group_id=self._group_id)
+
+    def teardown(self) -> None:
+        self._consumer.close()
+
+    def start_bundle(self) -> None:
+        self._to_commit: dict[str, int] = {}
+
+    def process(
+        self,
+        element: tuple[str, list[Span]],
+        finalizer=beam.DoFn.BundleFinalizerParam,
+        next_offset=beam.DoFn.StateParam(NEXT_OFFSET),
+        pending=beam.DoFn.StateParam(PENDING),
+    ) -> Iterator[tuple[str, int]]:
+        key, spans = element
+        before = next_offset.read()
+        if before is None:
+            before = self._start_offsets[key]
+        after, waiting = advance(before, (pending.read() or []) + list(spans))
+        next_offset.write(after)
+        pending.write(waiting)
+        self._waiting.set(len(waiting))
+        if after > before:
+            if not self._to_commit:
+                finalizer.register(functools.partial(self._commit, self._to_commit))
+            self._to_commit[key] = after
+            yield key, after
+
+    def _commit(self, to_commit: dict[str, int]) -> None:
+        offsets = {}
+        for key, offset in to_commit.items():
+            topic, partition = key.rsplit(":", 1)
+            offsets[TopicPartition(topic, int(partition))] = OffsetAndMetadata(offset, "", -1)
+        self._consumer.commit(offsets)
+        self._commits.inc(len(offsets))
+        _LOG.debug("committed %s", offsets)
+
+
+class CommitOffsets(beam.PTransform):
+    """Consumes per-bundle ack spans; outputs (partition key, committed offset) after each advance."""
+
+    def __init__(self, config: KafkaConfig, group_id: str, partitions: list[PartitionDescriptor]):
+        super().__init__()
+        self._config = config
+        self._group_id = group_id
+        self._start_offsets = {partition_key(p.topic, p.partition): p.start_offset for p in partitions}
+
+    def expand(self, acks: beam.PCollection[tuple[str, list[Span]]]) -> beam.PCollection[tuple[str, int]]:
+        return acks | "CommitContiguous" >> beam.ParDo(
+            _CommitContiguousFn(self._config, self._group_id, self._start_offsets)
+        ).with_input_types(tuple[str, list[tuple[int, int]]])
