@@ -11,6 +11,7 @@ group only after the outputs of every record before them were written.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 import apache_beam as beam
@@ -63,12 +64,17 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, opts, partitions)
     result = pipeline.run()
-    try:
-        result.wait_until_finish()
-    except KeyboardInterrupt:
-        _LOG.info("stopping")
-        result.cancel()
+    result.wait_until_finish()
     return result
+
+
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM (docker stop, kill) stops the job like Ctrl-C does."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,11 +86,14 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:
         help_parser("python -m beam_jobs.sensor_scoring", __doc__).print_help()
         return
+    _interrupt_on_sigterm()
     try:
         run(argv)
     except (BrokerUnavailable, ModelArtifactError) as e:
         _LOG.error("%s", e)
         sys.exit(2)
+    except KeyboardInterrupt:
+        _LOG.info("stopped")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-# A device's calibrated std never falls below this share of the fleet std:
-# a reading that was flat during calibration must not turn noise into alarms.
-MIN_STD_SHARE = 0.05
+# A device's calibrated std never falls below this share of the typical
+# within-device std seen in training: a reading that happened to be flat
+# during a short calibration must not turn ordinary variation into alarms.
+MIN_STD_SHARE = 0.5
 
 
 class FeaturePreprocessor:

@@ -63,6 +63,16 @@ def raw_matrix(events: Iterable[dict], features: Sequence[str]) -> np.ndarray:
     return np.stack([readings_vector(e["readings"], features) for e in events])
 
 
+def within_device_std(raws: Iterable[np.ndarray]) -> np.ndarray:
+    """The typical spread of each reading around its own device's mean.
+
+    Devices differ in baseline; the pooled std would mix that difference into
+    the scale every device is normalised with before its calibration ends.
+    """
+    centred = np.concatenate([raw - np.nanmean(raw, axis=0) for raw in raws])
+    return np.maximum(np.nanstd(centred, axis=0), 1e-6)
+
+
 def prepare(raw: np.ndarray, ref_mean: np.ndarray, ref_std: np.ndarray, calibration_events: int):
     """Inputs and masks of one device, exactly as the streaming job computes them."""
     pre = FeaturePreprocessor(ref_mean, ref_std, calibration_events)
@@ -114,7 +124,7 @@ def train(
     raws = {device: raw_matrix(events, features) for device, events in sequences.items()}
     pooled = np.concatenate(list(raws.values()))
     ref_mean = np.nanmean(pooled, axis=0)
-    ref_std = np.maximum(np.nanstd(pooled, axis=0), 1e-6)
+    ref_std = within_device_std(raws.values())
     prepared = {d: prepare(raw, ref_mean, ref_std, calibration_events) for d, raw in raws.items()}
     windows = [w for x, m in prepared.values() for w in _windows(x, m, 0)]
     x = torch.as_tensor(np.stack([w[0] for w in windows]))

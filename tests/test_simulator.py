@@ -62,7 +62,7 @@ def test_event_time_advances_at_the_rate_round_robin_over_devices():
     for step in range(500):
         for event in events[step * 7 : (step + 1) * 7]:
             assert event["event_time"] == config.start_ms + round(step * 1000 / 3.0)
-            assert event["event_id"] == f'{event["device_id"]}-{step}'
+            assert event["event_id"] == f"{event['device_id']}-{step}"
     assert len({e["event_id"] for e in events}) == len(events)
 
 
@@ -143,7 +143,8 @@ def test_devices_have_distinct_baselines(line):
     means = np.array([np.nanmean(values[(devices == d) & ~labels], axis=0) for d in np.unique(devices)])
     within = np.mean([np.nanstd(values[(devices == d) & ~labels], axis=0) for d in np.unique(devices)], axis=0)
     # Machines differ by more than one machine's readings vary over its load cycle.
-    assert (np.std(means, axis=0) > 0.5 * within).all(), dict(zip(FEATURES, np.std(means, axis=0) / within))
+    ratio = np.std(means, axis=0) / within
+    assert (ratio > 0.5).all(), dict(zip(FEATURES, ratio, strict=True))
     assert len({tuple(np.round(m, 1)) for m in means}) == len(means)
 
 

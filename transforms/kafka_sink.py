@@ -8,7 +8,7 @@ fails fails the bundle, which the runner retries (at-least-once).
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, List, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow
@@ -72,4 +72,6 @@ class WriteToKafka(beam.PTransform):
         self._topic = topic
 
     def expand(self, messages: beam.PCollection[OutgoingMessage]) -> beam.PCollection[tuple[str, list[Span]]]:
-        return messages | "Produce" >> beam.ParDo(_ProduceFn(self._config, self._topic))
+        return messages | "Produce" >> beam.ParDo(_ProduceFn(self._config, self._topic)).with_output_types(
+            Tuple[str, List[Tuple[int, int]]]
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, List, NamedTuple, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -133,4 +133,4 @@ class CommitOffsets(beam.PTransform):
     def expand(self, acks: beam.PCollection[tuple[str, list[Span]]]) -> beam.PCollection[tuple[str, int]]:
         return acks | "CommitContiguous" >> beam.ParDo(
             _CommitContiguousFn(self._config, self._group_id, self._start_offsets)
-        ).with_input_types(tuple[str, list[tuple[int, int]]])
+        ).with_input_types(Tuple[str, List[Tuple[int, int]]])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Tuple
 
 import apache_beam as beam
 
@@ -37,7 +37,7 @@ class ScoreSensorRecords(beam.PTransform):
         decoded = records | "Decode" >> DecodeEvents(self._wire_format)
         model_inputs = (
             decoded.events
-            | "KeyByDevice" >> beam.Map(_by_device).with_output_types(tuple[str, Any])
+            | "KeyByDevice" >> beam.Map(_by_device).with_output_types(Tuple[str, Any])
             | "DeviceState" >> beam.ParDo(DeviceStateDoFn(self._model_dir, self._state_ttl_s, self._calibration_events))
         )
         scores, inference_dead = model_inputs | "Score" >> ScoreEvents(

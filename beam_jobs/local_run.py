@@ -1,0 +1,164 @@
+"""Runs the whole product on one machine: broker, simulated line, job, live view.
+
+    python -m beam_jobs.local_run [--events N] [--devices D] [--speed S] [-- JOB FLAGS...]
+
+Starts the embedded broker unless KAFKA_BOOTSTRAP_SERVERS is set, creates the
+topics, feeds the manufacturing-line simulator, runs the scoring job on the
+DirectRunner in a child process (its log goes to out/job.log) and prints
+progress every two seconds. With --events N it stops once N events are scored
+and prints, as its last line, one JSON object of the run's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.simulator import LineSimulator, SimulatorConfig, produce
+from schemas.serde import EVENT, SCORE, AvroDecoder, AvroEncoder
+from transforms.kafka_client import KafkaConfig, end_offsets, ensure_topics, make_consumer, make_producer, partitions_of
+
+TOPICS = {"input": "sensor-events", "scores": "sensor-scores", "dead": "sensor-dead-letters", "drift": "sensor-drift"}
+GROUP = "sensor-scoring"
+STATUS_EVERY_S = 2.0
+
+
+class TopicCounter:
+    """Counts what arrives on the score and dead-letter topics after start-up."""
+
+    def __init__(self, config: KafkaConfig):
+        self._consumer = make_consumer(config)
+        self._decode_score = AvroDecoder(SCORE)
+        parts = partitions_of(self._consumer, TOPICS["scores"]) + partitions_of(self._consumer, TOPICS["dead"])
+        starts = end_offsets(self._consumer, parts)
+        self._consumer.assign(parts)
+        for tp, offset in starts.items():
+            self._consumer.seek(tp, offset)
+        self.scored_ids: set[str] = set()
+        self.anomalies = 0
+        self.dead_letters = 0
+
+    def poll(self, timeout_ms: int = 500) -> None:
+        for tp, records in self._consumer.poll(timeout_ms=timeout_ms, max_records=5000).items():
+            if tp.topic == TOPICS["dead"]:
+                self.dead_letters += len(records)
+                continue
+            for record in records:
+                score = self._decode_score(record.value)
+                if score["event_id"] not in self.scored_ids:
+                    self.scored_ids.add(score["event_id"])
+                    self.anomalies += score["is_anomaly"]
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def consumer_lag(config: KafkaConfig) -> int:
+    """Input records not yet committed by the job's consumer group."""
+    consumer = make_consumer(config, group_id=GROUP)
+    try:
+        parts = partitions_of(consumer, TOPICS["input"])
+        ends = consumer.end_offsets(parts)
+        return sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in parts)
+    finally:
+        consumer.close()
+
+
+def start_job(bootstrap: str, job_args: list[str], log_path: Path) -> subprocess.Popen:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", bootstrap, *job_args]
+    log = open(log_path, "w", encoding="utf-8")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_job(job: subprocess.Popen) -> None:
+    if job.poll() is None:
+        job.send_signal(signal.SIGINT)
+        try:
+            job.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            job.kill()
+            job.wait()
+
+
+def feed(config: KafkaConfig, args: argparse.Namespace, sent: list[int]) -> None:
+    """Produces simulated events; `sent[0]` is the running count."""
+    simulator = LineSimulator(SimulatorConfig(devices=args.devices, rate_hz=args.rate, seed=args.seed))
+    producer = make_producer(config)
+    real_time_rate = args.devices * args.rate * args.speed
+    try:
+        sent[0] = produce(simulator, producer, TOPICS["input"], args.events, real_time_rate, AvroEncoder(EVENT),
+                          progress=lambda n: sent.__setitem__(0, n))
+    finally:
+        producer.close()
+
+
+def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(prog="./run_local.sh", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=None, help="stop after N events are scored (default: run on)")
+    parser.add_argument("--devices", type=int, default=20, help="simulated machines (default 20)")
+    parser.add_argument("--rate", type=float, default=1.0, help="readings per machine per event-time second")
+    parser.add_argument("--speed", type=float, default=50.0,
+                        help="event-time seconds per wall-clock second (default 50: a 20-machine line sends 1000/s)")
+    parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
+    parser.add_argument("--timeout_s", type=float, default=600.0, help="give up after this long (default 600)")
+    parser.add_argument("--log", type=Path, default=Path("out/job.log"), help="job log file (default out/job.log)")
+    args, job_args = parser.parse_known_args(argv)
+    return args, [a for a in job_args if a != "--"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, job_args = _parse_args(argv)
+    with ExitStack() as stack:
+        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+        if not bootstrap:
+            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap_servers
+            print(f"started the embedded broker on {bootstrap}", flush=True)
+        config = KafkaConfig(bootstrap)
+        ensure_topics(config, TOPICS.values())
+        counter = TopicCounter(config)
+        stack.callback(counter.close)
+        job = start_job(bootstrap, job_args, args.log)
+        stack.callback(stop_job, job)
+        print(f"job started (pid {job.pid}, log {args.log}); feeding {args.devices} simulated machines", flush=True)
+        sent = [0]
+        feeder = threading.Thread(target=feed, args=(config, args, sent), daemon=True)
+        feeder.start()
+        started = time.monotonic()
+        last_status = started
+        while True:
+            counter.poll()
+            elapsed = time.monotonic() - started
+            if args.events is not None and len(counter.scored_ids) >= args.events:
+                break
+            if job.poll() is not None:
+                print(f"the job exited with code {job.returncode}; see {args.log}", file=sys.stderr)
+                return 1
+            if elapsed > args.timeout_s:
+                print(f"timed out after {args.timeout_s:.0f} s; see {args.log}", file=sys.stderr)
+                return 1
+            if time.monotonic() - last_status >= STATUS_EVERY_S:
+                last_status = time.monotonic()
+                print(f"[{elapsed:6.1f}s] events in {sent[0]:>7} | scores out {len(counter.scored_ids):>7} | "
+                      f"anomalies {counter.anomalies:>5} | dead letters {counter.dead_letters:>4} | "
+                      f"lag {consumer_lag(config):>6}", flush=True)
+        feeder.join(timeout=30)
+        summary = {"events_in": sent[0], "scores_out": len(counter.scored_ids), "dead_letters": counter.dead_letters,
+                   "anomalies": counter.anomalies, "elapsed_s": round(time.monotonic() - started, 2),
+                   "bootstrap_servers": bootstrap}
+    print(json.dumps(summary), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

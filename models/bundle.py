@@ -1,0 +1,45 @@
+"""Rebuilds the bundled model that makes the job run out of the box.
+
+    python -m models.bundle [--output_dir models/bundled]
+
+It is trained on the built-in manufacturing-line simulator running without
+faults, so it knows that line's readings; train your own with models.train.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+from pathlib import Path
+
+import fastavro
+
+from beam_jobs.simulator import LineSimulator, SimulatorConfig
+from models.artifact import BUNDLED_MODEL_DIR
+from models.train import train
+from schemas.serde import EVENT, current_schema
+
+DEVICES = 20
+EVENTS_PER_DEVICE = 1500
+CALIBRATION_EVENTS = 60  # the job's default --calibration_events
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.bundle", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", type=Path, default=BUNDLED_MODEL_DIR)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    simulator = LineSimulator(SimulatorConfig(devices=DEVICES, seed=7, fault_rate_per_hour=0.0))
+    events = [event for event, _ in simulator.take(DEVICES * EVENTS_PER_DEVICE)]
+    with tempfile.TemporaryDirectory() as tmp:
+        recording = Path(tmp) / "simulated-line-normal.avro"
+        with open(recording, "wb") as f:
+            fastavro.writer(f, fastavro.parse_schema(current_schema(EVENT)), events)
+        artifact = train([recording], args.output_dir, epochs=15, seed=0, calibration_events=CALIBRATION_EVENTS)
+    print(f"wrote {artifact.version} to {artifact.path}")
+
+
+if __name__ == "__main__":
+    main()
