@@ -1,0 +1,44 @@
+"""Reading and writing whole topics in tests, with nothing but kafka-python."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from transforms.kafka_client import KafkaConfig, end_offsets, partitions_of
+
+
+def produce_all(config: KafkaConfig, topic: str, messages: list[tuple[bytes | None, bytes, int | None]]) -> None:
+    """Sends (key, value, timestamp_ms) messages and waits for every acknowledgement."""
+    producer = KafkaProducer(bootstrap_servers=config.bootstrap_servers, acks="all", linger_ms=5)
+    futures = [producer.send(topic, key=k, value=v, timestamp_ms=ts) for k, v, ts in messages]
+    producer.flush()
+    for f in futures:
+        f.get(timeout=10)
+    producer.close()
+
+
+def read_all(config: KafkaConfig, topic: str, decode: Callable[[bytes], dict] = lambda b: b) -> list[tuple]:
+    """Every record of `topic` as (partition, offset, key, decoded value), in partition order."""
+    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers, enable_auto_commit=False)
+    try:
+        tps = partitions_of(consumer, topic)
+        ends = end_offsets(consumer, tps)
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        out = []
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            for tp, records in consumer.poll(timeout_ms=500).items():
+                out += [(r.partition, r.offset, r.key, decode(r.value)) for r in records]
+        return sorted(out, key=lambda r: (r[0], r[1]))
+    finally:
+        consumer.close()
+
+
+def committed_offsets(config: KafkaConfig, topic: str, group: str) -> dict[int, int | None]:
+    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers, group_id=group, enable_auto_commit=False)
+    try:
+        return {tp.partition: consumer.committed(tp) for tp in partitions_of(consumer, topic)}
+    finally:
+        consumer.close()
