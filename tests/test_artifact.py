@@ -32,7 +32,8 @@ def _write_recording(path: Path) -> Path:
         for i in range(EVENTS_PER_DEVICE):
             readings = {"temp": 20 + d + np.sin(i / 10) + rng.normal(0, 0.1), "rpm": 1500 + 30 * np.cos(i / 7),
                         "pressure": None if rng.random() < 0.1 else 3.0 + rng.normal(0, 0.05)}
-            records.append({"event_id": f"d{d}-{i}", "device_id": f"press-{d}", "event_time": 1_700_000_000_000 + i * 1000,
+            records.append({"event_id": f"d{d}-{i}", "device_id": f"press-{d}",
+                            "event_time": 1_700_000_000_000 + i * 1000,
                             "readings": {k: None if v is None else float(v) for k, v in readings.items()}})
     rng.shuffle(records)  # training must order each device by event time itself
     with open(path, "wb") as f:

@@ -22,6 +22,7 @@ Ordering and lateness policy (documented in the README):
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
@@ -39,6 +40,12 @@ from transforms.decode import ValidEvent
 
 _METRICS = "device_state"
 MAX_TIMER_REARMS = 8
+
+# Highest source watermark seen per partition, per job, shared by every DoFn
+# instance in this worker process: a runner may fire a device's timer on an
+# instance other than the one that saw the evidence. A racy update can only
+# lower a value, which makes the expiry guard more cautious, never wrong.
+_SOURCE_WATERMARKS: dict[str, dict[str, int]] = {}
 
 
 class DeviceState:
@@ -137,6 +144,7 @@ class DeviceStateDoFn(beam.DoFn):
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
     def __init__(self, model_dir: str, state_ttl_s: float, calibration_events: int):
+        self._job_token = uuid.uuid4().hex
         self._model_dir = model_dir
         self._state_ttl_ms = int(state_ttl_s * 1000)
         self._calibration_events = calibration_events
@@ -150,7 +158,7 @@ class DeviceStateDoFn(beam.DoFn):
 
     def setup(self) -> None:
         self._logic = DeviceLogic(cached_artifact(self._model_dir), self._state_ttl_ms, self._calibration_events)
-        self._source_watermarks: dict[str, int] = {}
+        self._source_watermarks = _SOURCE_WATERMARKS.setdefault(self._job_token, {})
 
     def process(
         self,
