@@ -106,6 +106,8 @@ def load_artifact(path: str | Path) -> ModelArtifact:
         spec = json.loads((folder / _SPEC).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelArtifactError(f"{folder / _SPEC} is not valid JSON: {e}") from None
+    if not isinstance(spec, dict):
+        raise ModelArtifactError(f"{folder / _SPEC} is not a JSON object")
     missing = [key for key in _REQUIRED if key not in spec]
     if missing:
         raise ModelArtifactError(f"{folder / _SPEC} lacks {', '.join(missing)}")

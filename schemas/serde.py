@@ -24,7 +24,7 @@ DEAD_LETTER = "sensors.DeadLetter"
 WIRE_FORMATS = ("plain", "confluent")
 
 _CONFLUENT_MAGIC = 0
-_CONFLUENT_HEADER = struct.Struct(">bI")
+_CONFLUENT_HEADER = struct.Struct(">BI")
 
 
 class SerdeError(ValueError):
@@ -130,10 +130,10 @@ class AvroDecoder:
     from an older or newer compatible producer is resolved, not rejected.
     """
 
-    def __init__(self, name: str, wire_format: str = "plain", registry: SchemaRegistry | None = None):
+    def __init__(self, name: str, wire_format: str = "plain"):
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, not {wire_format!r}")
-        self._registry = registry or default_registry()
+        self._registry = default_registry()
         self._name = name
         self._reader = self._registry.schema(self._registry.writer_id(name))
         self._candidates = self._registry.readable_ids(name)
@@ -179,12 +179,12 @@ class AvroDecoder:
 class AvroEncoder:
     """Turns a record dict into message bytes with the current schema."""
 
-    def __init__(self, name: str, wire_format: str = "plain", registry: SchemaRegistry | None = None):
+    def __init__(self, name: str, wire_format: str = "plain"):
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, not {wire_format!r}")
         self._name = name
         self._wire_format = wire_format
-        registry = registry or default_registry()
+        registry = default_registry()
         schema_id = registry.writer_id(name)
         self._schema = registry.writing_schema(schema_id)
         self._header = _CONFLUENT_HEADER.pack(_CONFLUENT_MAGIC, schema_id) if wire_format == "confluent" else b""

@@ -56,7 +56,7 @@ def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Option
         return "missing device_id"
     if len(event["device_id"]) > rules.max_id_length:
         return f"device_id is {len(event['device_id'])} characters long (limit {rules.max_id_length})"
-    if not event["event_id"]:
+    if not event["event_id"] or not event["event_id"].strip():
         return "missing event_id"
     if len(event["event_id"]) > rules.max_id_length:
         return f"event_id is {len(event['event_id'])} characters long (limit {rules.max_id_length})"
