@@ -84,24 +84,12 @@ def _confluent(schema_id: int, body: bytes) -> bytes:
 
 
 @WIRE
+@pytest.mark.parametrize("name", [EVENT, SCORE, DEAD_LETTER])
 @PROPERTY
-@given(event=events)
-def test_sensor_events_round_trip(wire, event):
-    assert AvroDecoder(EVENT, wire)(AvroEncoder(EVENT, wire)(event)) == event
-
-
-@WIRE
-@PROPERTY
-@given(score=scores)
-def test_sensor_scores_round_trip(wire, score):
-    assert AvroDecoder(SCORE, wire)(AvroEncoder(SCORE, wire)(score)) == score
-
-
-@WIRE
-@PROPERTY
-@given(letter=dead_letters)
-def test_dead_letters_round_trip(wire, letter):
-    assert AvroDecoder(DEAD_LETTER, wire)(AvroEncoder(DEAD_LETTER, wire)(letter)) == letter
+@given(data=st.data())
+def test_records_round_trip(wire, name, data):
+    record = data.draw({EVENT: events, SCORE: scores, DEAD_LETTER: dead_letters}[name])
+    assert AvroDecoder(name, wire)(AvroEncoder(name, wire)(record)) == record
 
 
 @WIRE
