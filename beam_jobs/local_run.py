@@ -62,15 +62,19 @@ class TopicCounter:
         self._consumer.close()
 
 
-def consumer_lag(config: KafkaConfig) -> int:
-    """Input records not yet committed by the job's consumer group."""
-    consumer = make_consumer(config, group_id=GROUP)
-    try:
-        parts = partitions_of(consumer, TOPICS["input"])
-        ends = consumer.end_offsets(parts)
-        return sum(max(0, ends[tp] - (consumer.committed(tp) or 0)) for tp in parts)
-    finally:
-        consumer.close()
+class LagProbe:
+    """Input records not yet committed by the job's consumer group, on one reused connection."""
+
+    def __init__(self, config: KafkaConfig):
+        self._consumer = make_consumer(config, group_id=GROUP)
+        self._parts = partitions_of(self._consumer, TOPICS["input"])
+
+    def lag(self) -> int:
+        ends = self._consumer.end_offsets(self._parts)
+        return sum(max(0, ends[tp] - (self._consumer.committed(tp) or 0)) for tp in self._parts)
+
+    def close(self) -> None:
+        self._consumer.close()
 
 
 def start_job(bootstrap: str, job_args: list[str], log_path: Path) -> subprocess.Popen:
@@ -128,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         ensure_topics(config, TOPICS.values())
         counter = TopicCounter(config)
         stack.callback(counter.close)
+        lag_probe = LagProbe(config)
+        stack.callback(lag_probe.close)
         job = start_job(bootstrap, job_args, args.log)
         stack.callback(stop_job, job)
         print(f"job started (pid {job.pid}, log {args.log}); feeding {args.devices} simulated machines", flush=True)
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                 last_status = time.monotonic()
                 print(f"[{elapsed:6.1f}s] events in {sent[0]:>7} | scores out {len(counter.scored_ids):>7} | "
                       f"anomalies {counter.anomalies:>5} | dead letters {counter.dead_letters:>4} | "
-                      f"lag {consumer_lag(config):>6}", flush=True)
+                      f"lag {lag_probe.lag():>6}", flush=True)
         feeder.join(timeout=30)
         summary = {"events_in": sent[0], "scores_out": len(counter.scored_ids), "dead_letters": counter.dead_letters,
                    "anomalies": counter.anomalies, "elapsed_s": round(time.monotonic() - started, 2),

@@ -22,6 +22,7 @@ Ordering and lateness policy (documented in the README):
 
 from __future__ import annotations
 
+import copy
 import uuid
 from typing import Iterator, NamedTuple, Optional
 
@@ -109,7 +110,8 @@ class DeviceLogic:
         values = readings_vector(readings, self.features)
         imputed = tuple(name for name, v in zip(self.features, values) if np.isnan(v))
         in_order = event_time >= state.last_event_time
-        features = state.features if in_order else _copy_preprocessor(state.features)
+        # An out-of-order event works on a throwaway copy: the real state stays untouched.
+        features = state.features if in_order else copy.deepcopy(state.features)
         calibrating = features.calibrating
         x, mask = features.transform(values)
         model_input = np.concatenate([state.h, x, mask])
@@ -126,15 +128,6 @@ class DeviceLogic:
     def may_clear(self, state: DeviceState, source_watermark_ms: int) -> bool:
         """True when clearing now cannot change any on-time score."""
         return self.expires_at(state) <= source_watermark_ms
-
-
-def _copy_preprocessor(pre: FeaturePreprocessor) -> FeaturePreprocessor:
-    """A throwaway copy, so an out-of-order event leaves the real state untouched."""
-    copy = FeaturePreprocessor.__new__(FeaturePreprocessor)
-    for name in FeaturePreprocessor.__slots__:
-        value = getattr(pre, name)
-        setattr(copy, name, value.copy() if isinstance(value, np.ndarray) else value)
-    return copy
 
 
 class DeviceStateDoFn(beam.DoFn):
