@@ -21,6 +21,8 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 EVENT = "sensors.SensorEvent"
 SCORE = "sensors.SensorScore"
 DEAD_LETTER = "sensors.DeadLetter"
+DRIFT = "sensors.DriftStatistics"
+RETRAIN = "sensors.RetrainTrigger"
 WIRE_FORMATS = ("plain", "confluent")
 
 _CONFLUENT_MAGIC = 0
