@@ -57,6 +57,13 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         type=int, default=256, help="largest RunInference batch across devices (default 256)")),
     ("Model", "--inference_device", dict(
         choices=("CPU", "GPU"), default="CPU", help="where RunInference runs the scoring head (default CPU)")),
+    ("Files", "--input_files", dict(
+        default=None,
+        help="file mode: score recordings matching this glob ('DIR/*.avro') instead of Kafka, bounded; "
+             "needs --output_dir")),
+    ("Files", "--output_dir", dict(
+        default=None,
+        help="file mode: folder for scores-*.avro, dead-letters-*.avro and drift-*.avro")),
 ]
 
 # Beam itself registers --bootstrap_servers (KafkaStreamsRunnerOptions) with the

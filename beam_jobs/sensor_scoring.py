@@ -6,6 +6,12 @@ Reads SensorEvent messages from Kafka, scores each with the per-device LSTM
 and writes SensorScore messages; undecodable or invalid input goes to the
 dead-letter topic with the reason. Offsets are committed to the consumer
 group only after the outputs of every record before them were written.
+
+File mode, for regression tests and portability checks, scores recordings
+(written by python -m beam_jobs.record) with the very same transforms,
+bounded and without Kafka, into Avro files in --output_dir:
+
+    python -m beam_jobs.sensor_scoring --input_files 'DIR/*.avro' --output_dir OUT
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_jobs.options import SensorScoringOptions, help_parser
+from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError, load_artifact
+from schemas.serde import DEAD_LETTER, SCORE
+from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
 from transforms.kafka_client import BrokerUnavailable, KafkaConfig, ensure_topics, resolve_partitions
 from transforms.kafka_sink import WriteToKafka
 from transforms.kafka_source import ReadFromKafkaPartitions
@@ -32,10 +41,7 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
     config = KafkaConfig(opts.bootstrap_servers)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
-    scores, dead_letters = records | "ScoreRecords" >> ScoreSensorRecords(
-        model_dir=opts.model_dir, state_ttl_s=opts.state_ttl_s, calibration_events=opts.calibration_events,
-        max_batch_size=opts.max_batch_size, wire_format=opts.wire_format, inference_device=opts.inference_device,
-    )
+    scores, dead_letters = records | "ScoreRecords" >> scoring_transform(opts)
     score_acks = scores | "WriteScores" >> WriteToKafka(config, opts.score_topic)
     dead_acks = dead_letters | "WriteDeadLetters" >> WriteToKafka(config, opts.dead_letter_topic)
     _ = (
@@ -43,6 +49,43 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
         | "AllAcks" >> beam.Flatten()
         | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     )
+
+
+def scoring_transform(opts: SensorScoringOptions) -> ScoreSensorRecords:
+    """The scoring path both modes run, configured from the options."""
+    return ScoreSensorRecords(
+        model_dir=opts.model_dir, state_ttl_s=opts.state_ttl_s, calibration_events=opts.calibration_events,
+        max_batch_size=opts.max_batch_size, wire_format=opts.wire_format, inference_device=opts.inference_device,
+    )
+
+
+def build_file_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions) -> None:
+    """Recordings -> ScoreSensorRecords -> Avro files: file mode, the same scoring without a broker.
+
+    Drift statistics will be written here as ``drift-*.avro`` (record
+    ``schemas.serde.DRIFT``) with another WriteAvroFiles once the scoring
+    path emits them; until then file mode writes no drift file.
+    """
+    records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(opts.input_files, opts.wire_format)
+    scores, dead_letters = records | "ScoreRecords" >> scoring_transform(opts)
+    _ = scores | "WriteScores" >> WriteAvroFiles(f"{opts.output_dir}/scores", SCORE, opts.wire_format)
+    _ = dead_letters | "WriteDeadLetters" >> WriteAvroFiles(
+        f"{opts.output_dir}/dead-letters", DEAD_LETTER, opts.wire_format)
+
+
+def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
+    """File mode: --input_files scored into --output_dir, bounded, no Kafka."""
+    opts = options.view_as(SensorScoringOptions)
+    if not opts.output_dir:
+        raise RecordingError("--input_files needs --output_dir, the folder the Avro outputs go to")
+    load_artifact(opts.model_dir)
+    options.view_as(StandardOptions).streaming = False
+    pipeline = beam.Pipeline(options=options)
+    build_file_pipeline(pipeline, opts)
+    _LOG.info("scoring %s into %s", opts.input_files, opts.output_dir)
+    result = pipeline.run()
+    result.wait_until_finish()
+    return result
 
 
 def prepare(opts: SensorScoringOptions):
@@ -57,6 +100,10 @@ def prepare(opts: SensorScoringOptions):
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     options = PipelineOptions(argv)
     opts = options.view_as(SensorScoringOptions)
+    if opts.input_files or opts.output_dir:
+        if not opts.input_files:
+            raise RecordingError("--output_dir is for file mode: give the recordings with --input_files")
+        return run_files(options)
     options.view_as(StandardOptions).streaming = not opts.bounded
     partitions = prepare(opts)
     _LOG.info("reading %s: %s", opts.input_topic,
@@ -89,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     _interrupt_on_sigterm()
     try:
         run(argv)
-    except (BrokerUnavailable, ModelArtifactError) as e:
+    except (BrokerUnavailable, ModelArtifactError, RecordingError) as e:
         _LOG.error("%s", e)
         sys.exit(2)
     except KeyboardInterrupt:
