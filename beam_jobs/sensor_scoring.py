@@ -29,7 +29,7 @@ from models.artifact import ModelArtifactError, load_artifact
 from schemas.serde import DEAD_LETTER, SCORE
 from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
 from transforms.kafka_client import BrokerUnavailable, KafkaConfig, ensure_topics, resolve_partitions
-from transforms.kafka_sink import WriteToKafka
+from transforms.kafka_sink import DEAD_LETTERS, SCORES, STREAMS, WriteToKafka
 from transforms.kafka_source import ReadFromKafkaPartitions
 from transforms.offset_commits import CommitOffsets
 from transforms.score_records import ScoreSensorRecords
@@ -41,12 +41,10 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
     config = KafkaConfig(opts.bootstrap_servers)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
-    scores, dead_letters = records | "ScoreRecords" >> scoring_transform(opts)
-    score_acks = scores | "WriteScores" >> WriteToKafka(config, opts.score_topic)
-    dead_acks = dead_letters | "WriteDeadLetters" >> WriteToKafka(config, opts.dead_letter_topic)
     _ = (
-        (score_acks, dead_acks)
-        | "AllAcks" >> beam.Flatten()
+        records
+        | "ScoreRecords" >> scoring_transform(opts)
+        | "Write" >> WriteToKafka(config, {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic})
         | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     )
 
@@ -67,7 +65,8 @@ def build_file_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions) -> 
     path emits them; until then file mode writes no drift file.
     """
     records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(opts.input_files, opts.wire_format)
-    scores, dead_letters = records | "ScoreRecords" >> scoring_transform(opts)
+    messages = records | "ScoreRecords" >> scoring_transform(opts)
+    scores, dead_letters = messages | "ByStream" >> beam.Partition(lambda m, _: STREAMS.index(m.stream), len(STREAMS))
     _ = scores | "WriteScores" >> WriteAvroFiles(f"{opts.output_dir}/scores", SCORE, opts.wire_format)
     _ = dead_letters | "WriteDeadLetters" >> WriteAvroFiles(
         f"{opts.output_dir}/dead-letters", DEAD_LETTER, opts.wire_format)

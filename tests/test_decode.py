@@ -14,6 +14,7 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from schemas.serde import EVENT, AvroEncoder
+from transforms.dead_letters import Rejected
 from transforms.decode import STAGE_DECODE, STAGE_VALIDATE, DecodeEvents, ValidationRules, ValidEvent, validation_error
 from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import SourcePosition
@@ -120,6 +121,22 @@ def _valid(record: KafkaRecord, event: dict) -> ValidEvent:
                       _source(record), record.watermark_ms, record.key, record.value)
 
 
+def _split(outputs) -> tuple[beam.PCollection, beam.PCollection]:
+    """(valid events, rejected records) of DecodeEvents' one keyed stream, checking the keys on the way."""
+
+    def item_of(element):
+        key, item = element
+        expected = item.device_id if isinstance(item, ValidEvent) else item.routing_key
+        if key != expected:
+            raise BeamAssertException(f"{item} keyed by {key!r}, not {expected!r}")
+        return item
+
+    items = outputs | "Items" >> beam.Map(item_of)
+    events = items | "Events" >> beam.Filter(lambda item: isinstance(item, ValidEvent))
+    rejected = items | "Rejected" >> beam.Filter(lambda item: isinstance(item, Rejected))
+    return events, rejected
+
+
 @pytest.mark.parametrize("wire", ["plain", "confluent"])
 def test_decode_events_splits_valid_events_from_dead_letters(wire):
     encode = AvroEncoder(EVENT, wire)
@@ -142,11 +159,11 @@ def test_decode_events_splits_valid_events_from_dead_letters(wire):
                         + [(_source(r), _letter(r, STAGE_DECODE), m) for r, m in garbage])
 
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        outputs = p | beam.Create(records) | DecodeEvents(wire)
-        assert_that(outputs.events, equal_to([_valid(r, e) for r, e in zip(good_records, good)]), label="events")
-        stamped = outputs.events | beam.Map(lambda e, ts=beam.DoFn.TimestampParam: (e.event_id, ts.micros // 1000))
+        events, rejected = _split(p | beam.Create(records) | DecodeEvents(wire))
+        assert_that(events, equal_to([_valid(r, e) for r, e in zip(good_records, good)]), label="events")
+        stamped = events | beam.Map(lambda e, ts=beam.DoFn.TimestampParam: (e.event_id, ts.micros // 1000))
         assert_that(stamped, equal_to([(e["event_id"], e["event_time"]) for e in good]), label="timestamps")
-        assert_that(outputs.dead_letters, _expect_dead_letters(expected_letters), label="dead letters")
+        assert_that(rejected, _expect_dead_letters(expected_letters), label="dead letters")
 
 
 def test_each_record_leaves_exactly_once():
@@ -155,10 +172,10 @@ def test_each_record_leaves_exactly_once():
                for i in range(1, 61)]
     with BeamTestPipeline(runner="FnApiRunner") as p:
         outputs = p | beam.Create(records) | DecodeEvents()
-        offsets = ((outputs.events | "EventOffsets" >> beam.Map(lambda e: e.source.offset)),
-                   (outputs.dead_letters | "LetterOffsets" >> beam.Map(lambda pair: pair[0].offset)))
-        assert_that(offsets | beam.Flatten(), equal_to(list(range(1, 61))), label="all offsets once")
-        letters = outputs.dead_letters | "Offsets" >> beam.Map(lambda pair: pair[1]["offset"])
+        offsets = outputs | "AllOffsets" >> beam.Map(lambda element: element[1].source.offset)
+        assert_that(offsets, equal_to(list(range(1, 61))), label="all offsets once")
+        _, rejected = _split(outputs)
+        letters = rejected | "Offsets" >> beam.Map(lambda letter: letter.record["offset"])
         assert_that(letters, equal_to(list(range(3, 61, 3))), label="every third is out of range")
 
 
@@ -166,8 +183,8 @@ def test_custom_rules_reach_the_workers():
     encode = AvroEncoder(EVENT)
     record = _record(1, encode(_event(readings={"temp": 50.0})))
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        outputs = p | beam.Create([record]) | DecodeEvents(rules=ValidationRules(max_abs_reading=10.0))
-        assert_that(outputs.events, equal_to([]), label="events")
-        assert_that(outputs.dead_letters,
+        events, rejected = _split(p | beam.Create([record]) | DecodeEvents(rules=ValidationRules(max_abs_reading=10.0)))
+        assert_that(events, equal_to([]), label="events")
+        assert_that(rejected,
                     _expect_dead_letters([(_source(record), _letter(record, STAGE_VALIDATE), "beyond ±10")]),
                     label="dead letters")

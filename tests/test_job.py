@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -21,7 +26,8 @@ from schemas.serde import DEAD_LETTER, SCORE, AvroDecoder
 from tests.kafka_helpers import committed_offsets, produce_all, read_all
 from transforms.kafka_client import end_offsets, ensure_topics, make_consumer, partitions_of
 
-SCHEMAS = Path(__file__).resolve().parents[1] / "schemas"
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMAS = ROOT / "schemas"
 START_MS = 1_750_000_000_000
 FEATURES = ("temperature", "vibration", "current", "pressure", "flow", "voltage")
 
@@ -170,3 +176,44 @@ def test_restart_resumes_from_committed_offsets(kafka_config, topic_names):
 
     ids = [s["event_id"] for *_, s in read_all(kafka_config, topic_names("scores"), AvroDecoder(SCORE))]
     assert sorted(ids) == sorted(e["event_id"] for e in events)
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(1.0)
+
+
+@pytest.mark.slow
+def test_streaming_job_writes_dead_letters_and_commits_while_it_runs(kafka_config, topic_names, tmp_path):
+    """Unbounded run: outputs and offset commits must not wait for the end of the job, which never comes."""
+    schema = _schema("sensor_event.avsc")
+    events = outside_events(devices=4, per_device=50)
+    bad = malformed_messages(10, schema)
+    ensure_topics(kafka_config, [topic_names("in")], partitions=2)
+    messages = [(e["device_id"].encode(), _avro(schema, e), e["event_time"]) for e in events]
+    messages += [(f"bad{i}".encode(), value, None) for i, value in enumerate(bad)]  # last in their partitions
+    produce_all(kafka_config, topic_names("in"), messages)
+    consumer = make_consumer(kafka_config)
+    ends = {tp.partition: end for tp, end in end_offsets(consumer, partitions_of(consumer, topic_names("in"))).items()}
+    consumer.close()
+
+    log = open(tmp_path / "job.log", "w")
+    job = subprocess.Popen(
+        [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", kafka_config.bootstrap_servers,
+         "--input_topic", topic_names("in"), "--score_topic", topic_names("scores"),
+         "--dead_letter_topic", topic_names("dead"), "--drift_topic", topic_names("drift"),
+         "--consumer_group", topic_names("group")],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for(lambda: len(read_all(kafka_config, topic_names("scores"))) == len(events), 120, "every score")
+        _wait_for(lambda: len(read_all(kafka_config, topic_names("dead"))) == len(bad), 60, "every dead letter")
+        _wait_for(lambda: committed_offsets(kafka_config, topic_names("in"), topic_names("group")) == ends, 60,
+                  f"offsets {ends} committed")
+        assert job.poll() is None, (tmp_path / "job.log").read_text()
+    finally:
+        job.send_signal(signal.SIGINT)
+        job.wait(timeout=30)
+        log.close()

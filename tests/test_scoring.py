@@ -1,4 +1,4 @@
-"""RunInference scoring: score records from the head, and failed batches as dead letters."""
+"""RunInference scoring: score records from the head; failed batches and rejected records as dead letters."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import torch
 from apache_beam.testing.util import assert_that, equal_to
 
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
-from schemas.serde import SCORE, AvroDecoder
+from schemas.serde import DEAD_LETTER, SCORE, AvroDecoder
+from transforms.dead_letters import dead_letter
 from transforms.decode import ValidEvent
 from transforms.device_state import ScoringContext
+from transforms.kafka_sink import DEAD_LETTERS, SCORES
 from transforms.offset_commits import SourcePosition
 from transforms.scoring import ScoreEvents
 
@@ -52,24 +54,29 @@ def test_every_input_yields_one_score_equal_to_the_head_output():
             assert score["imputed"] == [ARTIFACT.features[0]] and score["model_version"] == ARTIFACT.version
 
     with beam.Pipeline() as pipeline:
-        messages, dead = pipeline | beam.Create(inputs) | ScoreEvents(str(BUNDLED_MODEL_DIR), max_batch_size=4)
+        messages = pipeline | beam.Create(inputs) | ScoreEvents(str(BUNDLED_MODEL_DIR), max_batch_size=4)
         assert_that(messages, check, label="scores")
-        assert_that(dead, equal_to([]), label="no dead letters")
+        assert_that(messages | beam.Map(lambda m: m.stream), equal_to([SCORES] * 10), label="all scores")
 
 
-def test_a_failing_batch_becomes_dead_letters_with_the_original_bytes():
+def test_failed_batches_and_rejected_records_become_dead_letters_with_the_original_bytes():
     good = [(context(i), model_input(i)) for i in range(3)]
     broken = [(context(100), torch.zeros(WIDTH + 1))]  # a row the head cannot split
+    rejected = dead_letter(SourcePosition("in", 1, 7, 5), b"k", b"junk", "bad bytes", "decode")
 
-    def check(letters):
-        assert [source.offset for source, _ in letters] == [100]
-        record = letters[0][1]
-        assert record["stage"] == "inference" and "inference failed" in record["error"]
-        assert record["value"] == b"value100"
+    def check(messages):
+        letters = {m.source.offset: AvroDecoder(DEAD_LETTER)(m.value) for m in messages}
+        assert sorted(letters) == [7, 100]
+        assert letters[100]["stage"] == "inference" and "inference failed" in letters[100]["error"]
+        assert letters[100]["value"] == b"value100"
+        assert letters[7] == rejected.record
 
     with beam.Pipeline() as pipeline:
-        messages, dead = pipeline | beam.Create(good + broken) | ScoreEvents(str(BUNDLED_MODEL_DIR), max_batch_size=1)
-        assert_that(messages | beam.Map(decode_id), equal_to(["e0", "e1", "e2"]), label="scores")
+        messages = (pipeline | beam.Create(good + broken + [(rejected, None)])
+                    | ScoreEvents(str(BUNDLED_MODEL_DIR), max_batch_size=1))
+        scores = messages | "Scores" >> beam.Filter(lambda m: m.stream == SCORES)
+        dead = messages | "Dead" >> beam.Filter(lambda m: m.stream == DEAD_LETTERS)
+        assert_that(scores | beam.Map(decode_id), equal_to(["e0", "e1", "e2"]), label="scores")
         assert_that(dead, check, label="dead")
 
 

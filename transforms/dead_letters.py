@@ -1,23 +1,33 @@
-"""The dead-letter path: records that cannot be scored, with the reason, to their own topic."""
+"""The dead-letter path: records that cannot be scored, with the reason, to their own topic.
+
+A rejected record travels down the same keyed path as the valid events, past
+the device state and RunInference untouched, so that it leaves the pipeline
+through the one sink whose acknowledgements drive the offset commits.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
-import apache_beam as beam
-
-from schemas.serde import DEAD_LETTER, AvroEncoder
-from transforms.kafka_sink import OutgoingMessage
-from transforms.offset_commits import SourcePosition
-
-DEAD_LETTERS = "dead_letters"
+from transforms.kafka_sink import DEAD_LETTERS, OutgoingMessage
+from transforms.offset_commits import SourcePosition, partition_key
 
 
-def dead_letter(
-    source: SourcePosition, key: Optional[bytes], value: bytes, error: str, stage: str
-) -> tuple[SourcePosition, dict]:
-    """(source position, DeadLetter record) for one rejected input record."""
+class Rejected(NamedTuple):
+    """A DeadLetter record and the input position it answers for."""
+
+    source: SourcePosition
+    record: dict
+
+    @property
+    def routing_key(self) -> str:
+        """Rejected records are keyed by their partition, so a flood of them spreads like the input."""
+        return partition_key(self.source.topic, self.source.partition)
+
+
+def dead_letter(source: SourcePosition, key: Optional[bytes], value: bytes, error: str, stage: str) -> Rejected:
+    """The dead letter of one input record that could not be scored."""
     record = {
         "topic": source.topic,
         "partition": source.partition,
@@ -28,27 +38,10 @@ def dead_letter(
         "stage": stage,
         "failed_at": int(time.time() * 1000),
     }
-    return source, record
+    return Rejected(source, record)
 
 
-class _EncodeDeadLetterFn(beam.DoFn):
-    def __init__(self, wire_format: str):
-        self._wire_format = wire_format
-
-    def setup(self) -> None:
-        self._encode = AvroEncoder(DEAD_LETTER, self._wire_format)
-
-    def process(self, element: tuple[SourcePosition, dict]) -> tuple[OutgoingMessage]:
-        source, record = element
-        return (OutgoingMessage(record["key"], self._encode(record), record["failed_at"], source),)
-
-
-class EncodeDeadLetters(beam.PTransform):
-    """(position, DeadLetter) pairs to messages for the dead-letter topic, keyed like the input."""
-
-    def __init__(self, wire_format: str = "plain"):
-        super().__init__()
-        self._wire_format = wire_format
-
-    def expand(self, letters: beam.PCollection[tuple[SourcePosition, dict]]) -> beam.PCollection[OutgoingMessage]:
-        return letters | "EncodeDeadLetter" >> beam.ParDo(_EncodeDeadLetterFn(self._wire_format))
+def dead_letter_message(rejected: Rejected, encode: Callable[[dict], bytes]) -> OutgoingMessage:
+    """The message for the dead-letter topic, keyed like the input record."""
+    record = rejected.record
+    return OutgoingMessage(DEAD_LETTERS, record["key"], encode(record), record["failed_at"], rejected.source)

@@ -1,8 +1,10 @@
 """Decodes and validates SensorEvent messages; everything else becomes a dead letter.
 
 The job never stops on bad input and never drops a valid event: each input
-record leaves this stage exactly once, as a ValidEvent or as a dead letter
-that carries the original bytes and a readable reason.
+record leaves this stage exactly once, as a ValidEvent keyed by its device or
+as a Rejected dead letter (keyed by its partition) that carries the original
+bytes and a readable reason. Both go down one keyed stream: see
+transforms/dead_letters.py for why.
 """
 
 from __future__ import annotations
@@ -10,18 +12,17 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from typing import Iterator, NamedTuple, Optional, Union
+from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.utils.timestamp import Timestamp
 
 from schemas.serde import EVENT, AvroDecoder, SerdeError
-from transforms.dead_letters import DEAD_LETTERS, dead_letter
+from transforms.dead_letters import Rejected, dead_letter
 from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import SourcePosition
 
 _METRICS = "decode"
-EVENTS = "events"
 STAGE_DECODE = "decode"
 STAGE_VALIDATE = "validate"
 _EARLIEST_MS = 946_684_800_000  # 2000-01-01: older timestamps are clock or unit errors
@@ -86,7 +87,7 @@ class _DecodeFn(beam.DoFn):
     def setup(self) -> None:
         self._decode = AvroDecoder(EVENT, self._wire_format)
 
-    def process(self, record: KafkaRecord) -> Iterator[Union[beam.window.TimestampedValue, beam.pvalue.TaggedOutput]]:
+    def process(self, record: KafkaRecord) -> Iterator[Union[beam.window.TimestampedValue, tuple[str, Rejected]]]:
         source = SourcePosition(record.topic, record.partition, record.offset, record.span_start)
         try:
             event = self._decode(record.value)
@@ -100,23 +101,29 @@ class _DecodeFn(beam.DoFn):
         self._valid.inc()
         valid = ValidEvent(event["event_id"], event["device_id"], event["event_time"], event["readings"],
                            source, record.watermark_ms, record.key, record.value)
-        yield beam.pvalue.TaggedOutput(EVENTS, beam.window.TimestampedValue(valid, Timestamp.of(valid.event_time / 1000)))
+        yield beam.window.TimestampedValue((valid.device_id, valid), Timestamp.of(valid.event_time / 1000))
 
-    def _reject(self, record: KafkaRecord, source: SourcePosition, error: str, stage: str) -> beam.pvalue.TaggedOutput:
+    def _reject(self, record: KafkaRecord, source: SourcePosition, error: str, stage: str) -> tuple[str, Rejected]:
         self._dead.inc()
         beam.metrics.Metrics.counter(_METRICS, f"dead_letters_{stage}").inc()
-        return beam.pvalue.TaggedOutput(DEAD_LETTERS, dead_letter(source, record.key, record.value, error, stage))
+        rejected = dead_letter(source, record.key, record.value, error, stage)
+        return rejected.routing_key, rejected
 
 
 class DecodeEvents(beam.PTransform):
-    """KafkaRecords in; ``events`` (ValidEvent, timestamped by event_time) and ``dead_letters`` out."""
+    """KafkaRecords in; (key, ValidEvent timestamped by event_time | Rejected) out."""
 
     def __init__(self, wire_format: str = "plain", rules: ValidationRules = ValidationRules()):
         super().__init__()
         self._wire_format = wire_format
         self._rules = rules
 
-    def expand(self, records: beam.PCollection[KafkaRecord]) -> beam.pvalue.DoOutputsTuple:
-        return records | "DecodeValidate" >> beam.ParDo(_DecodeFn(self._wire_format, self._rules)).with_outputs(
-            EVENTS, DEAD_LETTERS
+    def expand(self, records: beam.PCollection[KafkaRecord]) -> beam.PCollection[tuple[str, Any]]:
+        return records | "DecodeValidate" >> beam.ParDo(_DecodeFn(self._wire_format, self._rules)).with_output_types(
+            Tuple[str, Any]
         )
+
+
+def is_valid(element: tuple[str, Any]) -> bool:
+    """For branches that only want the valid events of DecodeEvents' output."""
+    return isinstance(element[1], ValidEvent)

@@ -37,6 +37,7 @@ from apache_beam.utils.timestamp import Timestamp
 from models.artifact import ModelArtifact, cached_artifact
 from models.lstm import NumpyLstmCell
 from models.preprocessing import FeaturePreprocessor, readings_vector
+from transforms.dead_letters import Rejected
 from transforms.decode import ValidEvent
 
 _METRICS = "device_state"
@@ -131,7 +132,11 @@ class DeviceLogic:
 
 
 class DeviceStateDoFn(beam.DoFn):
-    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input tensor) out."""
+    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input tensor) out.
+
+    Rejected records (keyed by partition) pass through as (Rejected, None),
+    touching no state, on their way to the one sink.
+    """
 
     DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
@@ -155,11 +160,14 @@ class DeviceStateDoFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[str, ValidEvent],
+        element: tuple[str, ValidEvent | Rejected],
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[tuple[ScoringContext, torch.Tensor]]:
+    ) -> Iterator[tuple[ScoringContext | Rejected, torch.Tensor | None]]:
         _, event = element
+        if isinstance(event, Rejected):
+            yield event, None
+            return
         partition = f"{event.source.topic}:{event.source.partition}"
         if event.watermark_ms > self._source_watermarks.get(partition, -1):
             self._source_watermarks[partition] = event.watermark_ms

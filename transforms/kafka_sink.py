@@ -1,4 +1,9 @@
-"""Writes messages to a Kafka topic and reports which input records they cover.
+"""Writes the job's messages to Kafka and reports which input records they cover.
+
+One sink writes every output stream (scores, dead letters), each to its own
+topic: the acknowledgements of all outputs must meet in one offset-commit
+step, and joining two sinks' outputs would need a Flatten, which the
+in-process runner holds back until the end of a streaming job.
 
 The producer is flushed at the end of every bundle, and only then are the
 source positions of the bundle's messages emitted as acknowledgements: an
@@ -8,7 +13,7 @@ fails fails the bundle, which the runner retries (at-least-once).
 
 from __future__ import annotations
 
-from typing import Iterator, List, NamedTuple, Optional, Tuple
+from typing import Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.transforms.window import GlobalWindow
@@ -20,19 +25,31 @@ from transforms.offset_commits import SourcePosition, Span, compact_spans
 
 _METRICS = "kafka_sink"
 
+SCORES = "scores"
+DEAD_LETTERS = "dead_letters"
+STREAMS = (SCORES, DEAD_LETTERS)
+
 
 class OutgoingMessage(NamedTuple):
+    """One output record; `stream` picks its topic.
+
+    `source` is the input record the message answers for; messages that
+    answer for no single record (drift statistics) have None and
+    acknowledge nothing.
+    """
+
+    stream: str
     key: Optional[bytes]
     value: bytes
     timestamp_ms: int
-    source: SourcePosition
+    source: Optional[SourcePosition]
 
 
 class _ProduceFn(beam.DoFn):
-    def __init__(self, config: KafkaConfig, topic: str):
+    def __init__(self, config: KafkaConfig, topics: Mapping[str, str]):
         self._config = config
-        self._topic = topic
-        self._written = beam.metrics.Metrics.counter(_METRICS, f"{topic}_written")
+        self._topics = dict(topics)
+        self._written = {stream: beam.metrics.Metrics.counter(_METRICS, f"{stream}_written") for stream in topics}
 
     def setup(self) -> None:
         self._producer = make_producer(self._config)
@@ -47,31 +64,32 @@ class _ProduceFn(beam.DoFn):
 
     def process(self, message: OutgoingMessage, timestamp=beam.DoFn.TimestampParam) -> None:
         self._earliest = min(self._earliest, timestamp)
-        self._pending.append(
-            self._producer.send(self._topic, key=message.key, value=message.value, timestamp_ms=message.timestamp_ms)
-        )
-        self._positions.append(message.source)
+        topic = self._topics[message.stream]
+        future = self._producer.send(topic, key=message.key, value=message.value, timestamp_ms=message.timestamp_ms)
+        self._pending.append((message.stream, future))
+        if message.source is not None:
+            self._positions.append(message.source)
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         if not self._pending:
             return
         self._producer.flush()
-        for future in self._pending:
+        for stream, future in self._pending:
             future.get(timeout=0)  # raises the send's error: the bundle is retried
-        self._written.inc(len(self._pending))
+            self._written[stream].inc()
         for key, spans in compact_spans(self._positions).items():
             yield WindowedValue((key, spans), self._earliest, [GlobalWindow()])
 
 
 class WriteToKafka(beam.PTransform):
-    """Produces OutgoingMessages to `topic`; outputs (partition key, acknowledged spans)."""
+    """Produces OutgoingMessages to ``topics[message.stream]``; outputs (partition key, acknowledged spans)."""
 
-    def __init__(self, config: KafkaConfig, topic: str):
+    def __init__(self, config: KafkaConfig, topics: Mapping[str, str]):
         super().__init__()
         self._config = config
-        self._topic = topic
+        self._topics = topics
 
     def expand(self, messages: beam.PCollection[OutgoingMessage]) -> beam.PCollection[tuple[str, list[Span]]]:
-        return messages | "Produce" >> beam.ParDo(_ProduceFn(self._config, self._topic)).with_output_types(
+        return messages | "Produce" >> beam.ParDo(_ProduceFn(self._config, self._topics)).with_output_types(
             Tuple[str, List[Tuple[int, int]]]
         )

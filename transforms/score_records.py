@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Tuple
-
 import apache_beam as beam
 
-from transforms.dead_letters import EncodeDeadLetters
-from transforms.decode import DecodeEvents, ValidEvent
+from transforms.decode import DecodeEvents
 from transforms.device_state import DeviceStateDoFn
+from transforms.kafka_sink import OutgoingMessage
 from transforms.scoring import ScoreEvents
 
 
-def _by_device(event: ValidEvent) -> tuple[str, ValidEvent]:
-    return event.device_id, event
-
-
 class ScoreSensorRecords(beam.PTransform):
-    """KafkaRecords in; (score messages, dead-letter messages) out.
+    """KafkaRecords in; score and dead-letter OutgoingMessages out, as one stream.
 
-    decode + validate -> key by device -> per-device state -> RunInference ->
-    SensorScore. Every input record yields exactly one output message.
+    decode + validate (keyed by device) -> per-device state -> RunInference ->
+    SensorScore; rejected records ride along to become dead letters. Every
+    input record yields exactly one output message. One stream, because a
+    Flatten would hold streaming output back on the in-process runner (see
+    transforms/kafka_sink.py).
     """
 
     def __init__(self, *, model_dir: str, state_ttl_s: float, calibration_events: int, max_batch_size: int,
@@ -33,20 +30,11 @@ class ScoreSensorRecords(beam.PTransform):
         self._wire_format = wire_format
         self._inference_device = inference_device
 
-    def expand(self, records):
-        decoded = records | "Decode" >> DecodeEvents(self._wire_format)
-        model_inputs = (
-            decoded.events
-            | "KeyByDevice" >> beam.Map(_by_device).with_output_types(Tuple[str, Any])
+    def expand(self, records) -> beam.PCollection[OutgoingMessage]:
+        return (
+            records
+            | "Decode" >> DecodeEvents(self._wire_format)
             | "DeviceState" >> beam.ParDo(DeviceStateDoFn(self._model_dir, self._state_ttl_s, self._calibration_events))
+            | "Score" >> ScoreEvents(self._model_dir, max_batch_size=self._max_batch_size,
+                                     wire_format=self._wire_format, device=self._inference_device)
         )
-        scores, inference_dead = model_inputs | "Score" >> ScoreEvents(
-            self._model_dir, max_batch_size=self._max_batch_size, wire_format=self._wire_format,
-            device=self._inference_device,
-        )
-        dead = (
-            (decoded.dead_letters, inference_dead)
-            | "AllDeadLetters" >> beam.Flatten()
-            | "EncodeDeadLetters" >> EncodeDeadLetters(self._wire_format)
-        )
-        return scores, dead

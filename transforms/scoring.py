@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import time
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import PredictionResult, RunInference
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from models.artifact import cached_artifact
 from models.handler import scoring_model_handler
-from schemas.serde import SCORE, AvroEncoder
-from transforms.dead_letters import dead_letter
+from schemas.serde import DEAD_LETTER, SCORE, AvroEncoder
+from transforms.dead_letters import Rejected, dead_letter, dead_letter_message
 from transforms.device_state import ScoringContext
-from transforms.kafka_sink import OutgoingMessage
-from transforms.offset_commits import SourcePosition
+from transforms.kafka_sink import SCORES, OutgoingMessage
 
 _METRICS = "scoring"
 STAGE_INFERENCE = "inference"
@@ -39,41 +38,100 @@ def score_record(context: ScoringContext, output: list[float], features: tuple[s
     }
 
 
-class _ToScoreMessageFn(beam.DoFn):
+class PassThroughModelHandler(ModelHandler):
+    """Runs a keyed handler on (key, tensor) elements and lets (key, None) elements through.
+
+    Rejected records share the stream to the one sink (see
+    transforms/dead_letters.py), so they ride through RunInference as
+    (Rejected, None). A batch whose inference raises comes back as
+    (key, exception) for each of its events instead of failing the bundle:
+    a failure output of its own would need a Flatten to reach the sink.
+    """
+
+    def __init__(self, base: ModelHandler):
+        super().__init__()
+        self._base = base
+
+    def load_model(self):
+        return self._base.load_model()
+
+    def run_inference(self, batch: Sequence[tuple[Any, Any]], model, inference_args=None) -> list[tuple[Any, Any]]:
+        scored = [i for i, (_, example) in enumerate(batch) if example is not None]
+        results: list[tuple[Any, Any]] = list(batch)
+        if not scored:
+            return results
+        try:
+            predictions = list(self._base.run_inference([batch[i] for i in scored], model, inference_args))
+        except Exception as error:  # noqa: BLE001 - any model error becomes a dead letter
+            predictions = [(batch[i][0], error) for i in scored]
+        for i, prediction in zip(scored, predictions):
+            results[i] = prediction
+        return results
+
+    def get_num_bytes(self, batch: Sequence[tuple[Any, Any]]) -> int:
+        scored = [element for element in batch if element[1] is not None]
+        return self._base.get_num_bytes(scored) if scored else 0
+
+    def get_metrics_namespace(self) -> str:
+        return self._base.get_metrics_namespace()
+
+    def batch_elements_kwargs(self):
+        return self._base.batch_elements_kwargs()
+
+    def share_model_across_processes(self) -> bool:
+        return self._base.share_model_across_processes()
+
+    def model_copies(self) -> int:
+        return self._base.model_copies()
+
+    def update_model_path(self, model_path=None):
+        return self._base.update_model_path(model_path=model_path)
+
+
+class _ToMessagesFn(beam.DoFn):
+    """RunInference's results to score messages, and dead letters for rejected or failed events."""
+
     def __init__(self, model_dir: str, wire_format: str):
         self._model_dir = model_dir
         self._wire_format = wire_format
         self._anomalies = beam.metrics.Metrics.counter(_METRICS, "anomalies")
         self._scores = beam.metrics.Metrics.counter(_METRICS, "scores")
+        self._failed = beam.metrics.Metrics.counter(_METRICS, "failed_inferences")
 
     def setup(self) -> None:
         artifact = cached_artifact(self._model_dir)
         self._features = artifact.features
         self._threshold = artifact.threshold
         self._version = artifact.version
-        self._encode = AvroEncoder(SCORE, self._wire_format)
+        self._encode_score = AvroEncoder(SCORE, self._wire_format)
+        self._encode_dead_letter = AvroEncoder(DEAD_LETTER, self._wire_format)
 
-    def process(self, element: tuple[ScoringContext, PredictionResult]) -> Iterator[OutgoingMessage]:
-        context, prediction = element
+    def process(self, element: tuple[Any, Any]) -> Iterator[OutgoingMessage]:
+        key, result = element
+        if isinstance(key, Rejected):
+            yield dead_letter_message(key, self._encode_dead_letter)
+        elif isinstance(result, Exception):
+            self._failed.inc()
+            event = key.event
+            rejected = dead_letter(event.source, event.key, event.value, f"inference failed: {result!r}",
+                                   STAGE_INFERENCE)
+            yield dead_letter_message(rejected, self._encode_dead_letter)
+        else:
+            yield self._score_message(key, result)
+
+    def _score_message(self, context: ScoringContext, prediction: PredictionResult) -> OutgoingMessage:
         record = score_record(context, prediction.inference.tolist(), self._features, self._threshold,
                               self._version, int(time.time() * 1000))
         self._scores.inc()
         if record["is_anomaly"]:
             self._anomalies.inc()
         event = context.event
-        yield OutgoingMessage(event.device_id.encode(), self._encode(record), event.event_time, event.source)
-
-
-def _inference_dead_letters(failure) -> Iterator[tuple[SourcePosition, dict]]:
-    """One dead letter per event of a batch whose inference raised."""
-    batch, (_, error, _) = failure
-    for context, _ in batch:
-        event = context.event
-        yield dead_letter(event.source, event.key, event.value, f"inference failed: {error}", STAGE_INFERENCE)
+        return OutgoingMessage(SCORES, event.device_id.encode(), self._encode_score(record), event.event_time,
+                               event.source)
 
 
 class ScoreEvents(beam.PTransform):
-    """(ScoringContext, model input) in; score messages and inference dead letters out."""
+    """(ScoringContext, model input) and (Rejected, None) in; score and dead-letter messages out."""
 
     def __init__(self, model_dir: str, *, max_batch_size: int, wire_format: str = "plain", device: str = "CPU"):
         super().__init__()
@@ -82,11 +140,12 @@ class ScoreEvents(beam.PTransform):
         self._wire_format = wire_format
         self._device = device
 
-    def expand(self, inputs):
+    def expand(self, inputs: beam.PCollection) -> beam.PCollection[OutgoingMessage]:
         handler = scoring_model_handler(
             cached_artifact(self._model_dir), max_batch_size=self._max_batch_size, device=self._device
         )
-        predictions, failures = inputs | "RunInference" >> RunInference(handler).with_exception_handling()
-        messages = predictions | "ToScoreMessage" >> beam.ParDo(_ToScoreMessageFn(self._model_dir, self._wire_format))
-        dead = failures.failed_inferences | "InferenceDeadLetters" >> beam.FlatMap(_inference_dead_letters)
-        return messages, dead
+        return (
+            inputs
+            | "RunInference" >> RunInference(PassThroughModelHandler(handler))
+            | "ToMessages" >> beam.ParDo(_ToMessagesFn(self._model_dir, self._wire_format))
+        )
