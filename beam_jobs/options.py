@@ -64,6 +64,22 @@ _OPTIONS: list[tuple[str, str, dict]] = [
     ("Files", "--output_dir", dict(
         default=None,
         help="file mode: folder for scores-*.avro, dead-letters-*.avro and drift-*.avro")),
+    # Read by Beam's Java Flink runner (FlinkPipelineOptions), not by Python: registered here so
+    # they reach the job server with the pipeline, whichever way it is submitted (docs/flink.md).
+    ("Flink", "--checkpointing_interval", dict(
+        type=int, default=None, help="milliseconds between Flink checkpoints; offsets are committed after each "
+                                     "(default: the cluster's execution.checkpointing.interval)")),
+    ("Flink", "--checkpointing_mode", dict(
+        choices=("EXACTLY_ONCE", "AT_LEAST_ONCE"), default=None, help="Flink checkpointing mode")),
+    ("Flink", "--state_backend", dict(
+        choices=("rocksdb", "filesystem"), default=None,
+        help="Flink state backend for device state and timers; rocksdb for large fleets")),
+    ("Flink", "--state_backend_storage_path", dict(
+        default=None, help="durable URI for checkpoints, e.g. s3://bucket/sensor-scoring/checkpoints")),
+    ("Flink", "--savepoint_path", dict(default=None, help="savepoint to restore the job's state from (upgrades)")),
+    ("Flink", "--allow_non_restored_state", dict(
+        action="store_true", default=None, help="start from a savepoint even if some of its state has no operator")),
+
 ]
 
 # Beam itself registers --bootstrap_servers (KafkaStreamsRunnerOptions) with the
