@@ -1,7 +1,8 @@
 """Drift statistics per event-time window, fleet-wide, and retrain triggers.
 
-Valid events give one value per reading (None when the reading is missing);
-score messages give the ``__score__`` value. Values are windowed into fixed
+Valid input events give one value per reading (None when the reading is
+missing; the records are decoded again here, so the scoring path stays one
+chain); score messages give the ``__score__`` value. Values are windowed into fixed
 event-time windows and combined per feature into a
 :class:`~transforms.drift_stats.WindowSummary` (bin counts and per-device
 moments: bounded memory, exact merges). When the watermark passes a window's
@@ -18,6 +19,7 @@ ends.
 
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -27,29 +29,51 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindows, Timestamp
 from apache_beam.utils.timestamp import Timestamp
 
 from models.drift_reference import SCORE_FEATURE, DriftReference
-from schemas.serde import SCORE, AvroDecoder, AvroEncoder
-from transforms.decode import ValidEvent
+from schemas.serde import DRIFT, EVENT, RETRAIN, SCORE, AvroDecoder, AvroEncoder, SerdeError
+from transforms.decode import ValidationRules, validation_error
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
-from transforms.kafka_sink import OutgoingMessage
-from transforms.offset_commits import SourcePosition
+from transforms.kafka_sink import SCORES, OutgoingMessage
+from transforms.kafka_source import KafkaRecord
 
 _METRICS = "drift"
-# Drift records are derived from many inputs and acknowledge none of them: they never feed offset commits.
-DERIVED = SourcePosition("", -1, -1, -1)
-
 FeatureValue = Tuple[str, str, Optional[float]]  # (feature, device_id, value or None)
+DRIFT_STREAM = "drift"
+RETRAIN_STREAM = "retrain"
 
 
-def _reading_values(event: ValidEvent, features: tuple[str, ...]) -> Iterator[tuple[str, FeatureValue]]:
-    for feature in features:
-        yield feature, (feature, event.device_id, event.readings.get(feature))
+class _ReadingValuesFn(beam.DoFn):
+    """KafkaRecord -> one (feature, FeatureValue) per reference reading of a valid event, at its event time.
+
+    It decodes and validates with the scoring path's own decoder and rules
+    but counts nothing: rejected records are the scoring path's to report.
+    """
+
+    def __init__(self, features: tuple[str, ...], wire_format: str, rules: ValidationRules):
+        self._features = features
+        self._wire_format = wire_format
+        self._rules = rules
+
+    def setup(self) -> None:
+        self._decode = AvroDecoder(EVENT, self._wire_format)
+
+    def process(self, record: KafkaRecord) -> Iterator[TimestampedValue]:
+        try:
+            event = self._decode(record.value)
+        except SerdeError:
+            return
+        if validation_error(event, self._rules, int(time.time() * 1000)):
+            return
+        timestamp = Timestamp.of(event["event_time"] / 1000)
+        for feature in self._features:
+            value = (feature, event["device_id"], event["readings"].get(feature))
+            yield TimestampedValue((feature, value), timestamp)
 
 
 class _ScoreValueFn(beam.DoFn):
-    """Score message -> (__score__, value), timestamped by the event time again.
+    """Score message -> (__score__, FeatureValue) at the score's event time.
 
     RunInference emits its batches at the end of the global window, so the
-    score's own event time (the message timestamp) is restored here.
+    event time (the message timestamp) is restored here. Dead letters pass by.
     """
 
     def __init__(self, wire_format: str):
@@ -59,6 +83,8 @@ class _ScoreValueFn(beam.DoFn):
         self._decode = AvroDecoder(SCORE, self._wire_format)
 
     def process(self, message: OutgoingMessage) -> Iterator[TimestampedValue]:
+        if message.stream != SCORES:
+            return
         score = self._decode(message.value)
         value = (SCORE_FEATURE, score["device_id"], score["score"])
         yield TimestampedValue((SCORE_FEATURE, value), Timestamp.of(message.timestamp_ms / 1000))
@@ -123,88 +149,101 @@ class _Run(NamedTuple):
     windows: int
 
 
-class _PersistentDriftFn(beam.DoFn):
-    """Keyed by feature: DriftStatistics in, a RetrainTrigger when a drift run reaches `retrain_after` windows."""
+class _DriftMessagesFn(beam.DoFn):
+    """Keyed by feature: DriftStatistics in; its message out, and a RetrainTrigger's when a drift run is long enough."""
 
     RUN = ReadModifyWriteStateSpec("run", PickleCoder())
 
-    def __init__(self, retrain_after: int):
+    def __init__(self, retrain_after: int, wire_format: str):
         self._retrain_after = retrain_after
+        self._wire_format = wire_format
         self._triggers = beam.metrics.Metrics.counter(_METRICS, "retrain_triggers")
 
-    def process(self, element: tuple[str, dict], run_state=beam.DoFn.StateParam(RUN)) -> Iterator[dict]:
-        _, stats = element
-        if not stats["drift"]:
+    def setup(self) -> None:
+        self._encode_drift = AvroEncoder(DRIFT, self._wire_format)
+        self._encode_retrain = AvroEncoder(RETRAIN, self._wire_format)
+
+    def process(self, element: tuple[str, dict], run_state=beam.DoFn.StateParam(RUN)) -> Iterator[OutgoingMessage]:
+        feature, stats = element
+        key = feature.encode()
+        yield OutgoingMessage(DRIFT_STREAM, key, self._encode_drift(stats), stats["window_end"], None)
+        run = self._extend(run_state.read(), stats)
+        if run is None:
             run_state.clear()
             return
-        run: Optional[_Run] = run_state.read()
-        if run is None or run.last_window_end != stats["window_start"]:
-            run = _Run(stats["window_start"], stats["window_end"], 1)
-        else:
-            run = _Run(run.first_window_start, stats["window_end"], run.windows + 1)
         run_state.write(run)
         if run.windows == self._retrain_after:
             self._triggers.inc()
-            yield {"feature": stats["feature"], "model_version": stats["model_version"],
-                   "first_window_start": run.first_window_start, "last_window_end": run.last_window_end,
-                   "consecutive_windows": run.windows, "psi": stats["psi"], "ks_pvalue": stats["ks_pvalue"]}
+            trigger = {"feature": feature, "model_version": stats["model_version"],
+                       "first_window_start": run.first_window_start, "last_window_end": run.last_window_end,
+                       "consecutive_windows": run.windows, "psi": stats["psi"], "ks_pvalue": stats["ks_pvalue"]}
+            yield OutgoingMessage(RETRAIN_STREAM, key, self._encode_retrain(trigger), run.last_window_end, None)
+
+    @staticmethod
+    def _extend(run: Optional[_Run], stats: dict) -> Optional[_Run]:
+        """The drift run this window continues or starts; None when it does not drift."""
+        if not stats["drift"]:
+            return None
+        if run is None or run.last_window_end != stats["window_start"]:
+            return _Run(stats["window_start"], stats["window_end"], 1)
+        return _Run(run.first_window_start, stats["window_end"], run.windows + 1)
 
 
-class ComputeDrift(beam.PTransform):
-    """(valid events, score messages) in; (DriftStatistics, RetrainTrigger) record dicts out."""
+def _by_feature(stats: dict) -> tuple[str, dict]:
+    return stats["feature"], stats
 
-    def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
-                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain"):
+
+class _WindowedDrift(beam.PTransform):
+    """(feature, FeatureValue) at event times -> drift and retrain OutgoingMessages."""
+
+    def __init__(self, reference: DriftReference, window_s: float, retrain_after: int, thresholds: DriftThresholds,
+                 wire_format: str):
         super().__init__()
         self._reference = reference
         self._window_s = window_s
-        self._retrain_after = retrain_after_windows
+        self._retrain_after = retrain_after
         self._thresholds = thresholds
         self._wire_format = wire_format
 
-    def expand(self, inputs):
-        events, score_messages = inputs
-        readings = tuple(f for f in self._reference.features if f != SCORE_FEATURE)
-        reading_values = events | "ReadingValues" >> beam.FlatMap(_reading_values, readings)
-        score_values = score_messages | "ScoreValues" >> beam.ParDo(_ScoreValueFn(self._wire_format))
-        statistics = (
-            (reading_values, score_values)
-            | "AllValues" >> beam.Flatten()
+    def expand(self, values):
+        return (
+            values
             | "FixedWindows" >> beam.WindowInto(FixedWindows(self._window_s))
             | "Summarise" >> beam.CombinePerKey(_SummaryFn(self._reference))
             | "Statistics" >> beam.ParDo(_ToStatisticsFn(self._reference, self._thresholds))
-        )
-        triggers = (
-            statistics
-            | "KeyByFeature" >> beam.Map(lambda s: (s["feature"], s)).with_output_types(Tuple[str, Any])
+            | "KeyByFeature" >> beam.Map(_by_feature).with_output_types(Tuple[str, Any])
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "PersistentDrift" >> beam.ParDo(_PersistentDriftFn(self._retrain_after))
+            | "ToMessages" >> beam.ParDo(_DriftMessagesFn(self._retrain_after, self._wire_format))
         )
-        return statistics, triggers
 
 
-class _ToMessageFn(beam.DoFn):
-    """A drift or retrain record -> an Avro message keyed by feature, stamped with the window end."""
+class ComputeDrift(beam.PTransform):
+    """(input KafkaRecords, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
 
-    def __init__(self, name: str, wire_format: str):
-        self._name = name
-        self._wire_format = wire_format
+    Two branches and no Flatten: each ends in its own sink (see
+    transforms/kafka_sink.py on Flatten in the in-process runner).
+    """
 
-    def setup(self) -> None:
-        self._encode = AvroEncoder(self._name, self._wire_format)
-
-    def process(self, record: dict) -> Iterator[OutgoingMessage]:
-        end = record.get("window_end", record.get("last_window_end"))
-        yield OutgoingMessage(record["feature"].encode(), self._encode(record), end, DERIVED)
-
-
-class EncodeRecords(beam.PTransform):
-    """Record dicts of schema `name` -> OutgoingMessages for WriteToKafka (their acks commit nothing)."""
-
-    def __init__(self, name: str, wire_format: str = "plain"):
+    def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain",
+                 rules: ValidationRules = ValidationRules()):
         super().__init__()
-        self._name = name
+        self._reference = reference
+        self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
         self._wire_format = wire_format
+        self._rules = rules
+        self._windowed = (reference, window_s, retrain_after_windows, thresholds, wire_format)
 
-    def expand(self, records):
-        return records | "Encode" >> beam.ParDo(_ToMessageFn(self._name, self._wire_format))
+    def expand(self, inputs):
+        records, messages = inputs
+        readings = (
+            records
+            | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings, self._wire_format, self._rules))
+            | "ReadingDrift" >> _WindowedDrift(*self._windowed)
+        )
+        scores = (
+            messages
+            | "ScoreValues" >> beam.ParDo(_ScoreValueFn(self._wire_format))
+            | "ScoreDrift" >> _WindowedDrift(*self._windowed)
+        )
+        return readings, scores
