@@ -2,11 +2,16 @@
 
 Layout::
 
-    model.json       features, normalisation, threshold policy, version,
-                     training fingerprint, sha256 of each weights file
-    forecaster.pt    state_dict of LstmForecaster (recurrence + head)
+    model.json       features and their order, post-processing and threshold
+                     policy, version, training fingerprint, sha256 of each
+                     weights file
+    forecaster.pt    state_dict of LstmForecaster (its AR(1) coefficients and
+                     residual scales are buffers)
     head.pt          state_dict of ScoringHead, what RunInference loads
     MODEL_CARD.md    what data, which metrics, for people
+
+Normalisation is not in the artifact: every device fits its own baseline
+during calibration (see models/detector.py).
 
 Loading checks everything up front, so a wrong or corrupt artifact stops the
 job at launch with a message that names the problem, not mid-stream.
@@ -24,16 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.lstm import LstmForecaster, NumpyLstmCell, ScoringHead
+from torch import nn
 
-FORMAT_VERSION = 1
+from models.detector import PostProcessing
+from models.lstm import LstmForecaster, RecurrentStep, ScoringHead, quantize_int8
+
+FORMAT_VERSION = 2
+QUANTIZE_CHOICES = ("none", "int8")
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled"
 _SPEC = "model.json"
 _FORECASTER = "forecaster.pt"
 _HEAD = "head.pt"
 _CARD = "MODEL_CARD.md"
-_REQUIRED = ("format_version", "model_version", "features", "hidden_size", "reference_mean", "reference_std",
-             "residual_scale", "threshold", "weights_sha256")
+_REQUIRED = ("format_version", "model_version", "features", "hidden_size", "post_processing", "threshold",
+             "weights_sha256")
 
 
 class ModelArtifactError(ValueError):
@@ -68,12 +77,8 @@ class ModelArtifact:
         return float(self.spec["threshold"]["value"])
 
     @property
-    def reference_mean(self) -> np.ndarray:
-        return np.asarray(self.spec["reference_mean"], dtype=np.float64)
-
-    @property
-    def reference_std(self) -> np.ndarray:
-        return np.asarray(self.spec["reference_std"], dtype=np.float64)
+    def post_processing(self) -> PostProcessing:
+        return PostProcessing(**self.spec["post_processing"])
 
     @property
     def head_path(self) -> str:
@@ -81,7 +86,7 @@ class ModelArtifact:
 
     def head_params(self) -> dict[str, int]:
         """Constructor arguments of ScoringHead, for the PyTorch model handler."""
-        return {"n_features": len(self.features), "hidden_size": self.hidden_size}
+        return {"n_features": len(self.features)}
 
     def forecaster(self) -> LstmForecaster:
         model = LstmForecaster(len(self.features), self.hidden_size)
@@ -93,8 +98,10 @@ class ModelArtifact:
         head.load_state_dict(torch.load(self.path / _HEAD, map_location="cpu", weights_only=True))
         return head.eval()
 
-    def lstm_cell(self) -> NumpyLstmCell:
-        return NumpyLstmCell(self.forecaster().lstm)
+    def step(self, quantize: str = "none") -> nn.Module:
+        """The forecaster as a one-event RecurrentStep, int8-quantised when asked."""
+        step = RecurrentStep(self.forecaster()).eval()
+        return quantize_int8(step) if quantize == "int8" else step
 
 
 def load_artifact(path: str | Path) -> ModelArtifact:
@@ -119,10 +126,10 @@ def load_artifact(path: str | Path) -> ModelArtifact:
             raise ModelArtifactError(f"{file} is missing")
         if _sha256(file) != expected:
             raise ModelArtifactError(f"{file} is corrupt: its sha256 does not match {_SPEC}")
-    n = len(spec["features"])
-    for key in ("reference_mean", "reference_std", "residual_scale"):
-        if len(spec[key]) != n:
-            raise ModelArtifactError(f"{key} has {len(spec[key])} values for {n} features")
+    try:
+        PostProcessing(**spec["post_processing"])
+    except TypeError as e:
+        raise ModelArtifactError(f"{folder / _SPEC} has a bad post_processing: {e}") from None
     artifact = ModelArtifact(folder.resolve(), spec)
     try:
         artifact.forecaster()
@@ -142,10 +149,7 @@ def save_artifact(folder: Path, model: LstmForecaster, spec: dict[str, Any], mod
     """Writes the artifact; `spec` holds everything but format version and checksums."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), folder / _FORECASTER)
-    head = ScoringHead(model.n_features, model.hidden_size)
-    head.head.load_state_dict(model.head.state_dict())
-    head.residual_scale.copy_(torch.as_tensor(spec["residual_scale"], dtype=torch.float32))
-    torch.save(head.state_dict(), folder / _HEAD)
+    torch.save(ScoringHead(len(spec["features"])).state_dict(), folder / _HEAD)
     full = {"format_version": FORMAT_VERSION, **spec,
             "weights_sha256": {name: _sha256(folder / name) for name in (_FORECASTER, _HEAD)}}
     (folder / _SPEC).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")

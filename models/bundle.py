@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         recording = Path(tmp) / "simulated-line-normal.avro"
         with open(recording, "wb") as f:
             fastavro.writer(f, fastavro.parse_schema(current_schema(EVENT)), events)
-        artifact = train([recording], args.output_dir, epochs=15, seed=0, calibration_events=CALIBRATION_EVENTS)
+        artifact = train([recording], args.output_dir, seed=0, calibration_events=CALIBRATION_EVENTS)
     print(f"wrote {artifact.version} to {artifact.path}")
 
 

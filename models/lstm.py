@@ -1,93 +1,98 @@
-"""The LSTM next-step forecaster, split where the streaming job splits it.
+"""The LSTM next-step forecaster, and the parts the streaming job splits it into.
 
-The recurrence (:class:`NumpyLstmCell`) runs one step per event inside the
-per-device stateful DoFn, because only there is the hidden state. The scoring
-head (:class:`ScoringHead`) is stateless, so RunInference batches it across
-devices. :class:`LstmForecaster` is the same model over whole sequences, for
-training and for checking that streaming equals batch.
+The forecast of the normalised readings ``z_t`` is
 
-Input at step t is ``[x_t, m_t]``: the normalised, imputed readings and the
-mask of readings that were observed. The head forecasts ``x_t`` from
-``h_{t-1}``; the score is the mean squared standardised residual over the
-observed features, and each feature's contribution is its share of it.
+    ẑ_t = A ⊙ z_{t-1} + W·h_{t-1} + b,     h_t = LSTM(clip(z_t, ±3), h_{t-1})
+
+``A`` is a per-feature AR(1) coefficient fitted before the LSTM and then
+frozen: slowly drifting readings (temperatures) are forecast by their last
+value, noisy ones around their calibration level, so a sustained level shift
+leaves a sustained residual. The LSTM only learns a bounded correction on top;
+because it sees clipped inputs it cannot follow a large shift.
+
+:class:`LstmForecaster` runs whole sequences (training, and the batch oracle
+the streaming path is tested against). :class:`RecurrentStep` is the same
+model one event at a time, in the per-device DoFn: it advances ``(h, c)`` and
+returns the forecast of the next event eagerly, because the per-device
+evidence (see :mod:`models.detector`) needs the residual before the next event
+arrives. :class:`ScoringHead` is the stateless end that RunInference batches
+across devices: evidence in, score and contributions out.
 """
 
 from __future__ import annotations
 
-import numpy as np
+import warnings
+
 import torch
 from torch import nn
 
+INPUT_CLIP = 3.0
+
 
 class LstmForecaster(nn.Module):
-    """Forecasts each step's readings from the hidden state before it."""
+    """Forecasts each step's normalised readings from the steps before it."""
 
-    def __init__(self, n_features: int, hidden_size: int = 32):
+    def __init__(self, n_features: int, hidden_size: int = 16):
         super().__init__()
         self.n_features = n_features
         self.hidden_size = hidden_size
-        self.lstm = nn.LSTM(2 * n_features, hidden_size, batch_first=True)
+        self.lstm = nn.LSTM(n_features, hidden_size, batch_first=True)
         self.head = nn.Linear(hidden_size, n_features)
+        self.register_buffer("ar", torch.zeros(n_features))
+        self.register_buffer("residual_scale", torch.ones(n_features))
 
-    def hidden_before_each_step(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """h_{t-1} for every t of (batch, time, features) inputs, h_{-1} = 0."""
-        outputs, _ = self.lstm(torch.cat([x, mask], dim=-1))
-        zeros = torch.zeros_like(outputs[:, :1])
-        return torch.cat([zeros, outputs[:, :-1]], dim=1)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Forecasts of x_t for every t."""
-        return self.head(self.hidden_before_each_step(x, mask))
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Forecasts of z[:, 1:] for (batch, time, features) inputs."""
+        hidden, _ = self.lstm(z.clamp(-INPUT_CLIP, INPUT_CLIP))
+        return self.ar * z[:, :-1] + self.head(hidden[:, :-1])
 
 
-def score_residuals(
-    x: torch.Tensor, mask: torch.Tensor, forecast: torch.Tensor, residual_scale: torch.Tensor
-) -> torch.Tensor:
-    """[score, contribution_1..F] for each row; contributions sum to 1 when score > 0."""
-    squared = mask * ((x - forecast) / residual_scale) ** 2
-    total = squared.sum(dim=-1, keepdim=True)
-    observed = mask.sum(dim=-1, keepdim=True).clamp(min=1.0)
-    shares = torch.where(total > 0, squared / total.clamp(min=1e-12), torch.zeros_like(squared))
-    return torch.cat([total / observed, shares], dim=-1)
+class RecurrentStep(nn.Module):
+    """One event of the forecaster: (z_t, h, c) -> (h', c', ẑ_{t+1}).
+
+    The cell and the output layer are plain ``nn.LSTMCell``/``nn.Linear`` so
+    ``torch.ao.quantization.quantize_dynamic`` can turn them into int8.
+    """
+
+    def __init__(self, forecaster: LstmForecaster):
+        super().__init__()
+        lstm = forecaster.lstm
+        self.cell = nn.LSTMCell(lstm.input_size, lstm.hidden_size)
+        with torch.no_grad():
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(self.cell, name).copy_(getattr(lstm, f"{name}_l0"))
+        self.head = forecaster.head
+        self.register_buffer("ar", forecaster.ar.clone())
+
+    def forward(self, z: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h, c = self.cell(z.clamp(-INPUT_CLIP, INPUT_CLIP), (h, c))
+        return h, c, self.ar * z + self.head(h)
+
+
+def quantize_int8(step: RecurrentStep) -> nn.Module:
+    """Dynamic int8 quantisation of the LSTM cell and the output layer (weights int8, activations per call)."""
+    with warnings.catch_warnings():  # torch deprecates the eager API in favour of torchao, not installed here
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(step, {nn.LSTMCell, nn.Linear}, dtype=torch.qint8)
 
 
 class ScoringHead(nn.Module):
-    """The stateless part: rows of ``[h_{t-1}, x_t, m_t]`` to ``[score, contributions]``."""
+    """The stateless end: rows of ``[evidence_1..F, observed_1..F, alarm_level]`` to ``[score, contributions]``.
 
-    def __init__(self, n_features: int, hidden_size: int):
-        super().__init__()
-        self.n_features = n_features
-        self.hidden_size = hidden_size
-        self.head = nn.Linear(hidden_size, n_features)
-        self.register_buffer("residual_scale", torch.ones(n_features))
-
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        h, x, mask = torch.split(rows, [self.hidden_size, self.n_features, self.n_features], dim=-1)
-        return score_residuals(x, mask, self.head(h), self.residual_scale)
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 0.5 * (np.tanh(0.5 * z) + 1.0)
-
-
-class NumpyLstmCell:
-    """One LSTM step in numpy: a torch call per event costs more than the maths.
-
-    Weights are copied from layer 0 of a torch ``nn.LSTM`` (gate order i, f, g, o).
+    The score is the largest evidence among the observed readings, in units of
+    the device's calibrated alarm level; a reading's contribution is its share
+    of the summed evidence, so contributions add up to 1 and an imputed reading
+    (observed = 0) has none. A zero alarm level (still calibrating) scores 0.
     """
 
-    def __init__(self, lstm: nn.LSTM):
-        self.hidden_size = lstm.hidden_size
-        w = torch.cat([lstm.weight_ih_l0, lstm.weight_hh_l0], dim=1).detach()
-        self._weights = w.numpy().astype(np.float32)
-        self._bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().numpy().astype(np.float32)
+    def __init__(self, n_features: int):
+        super().__init__()
+        self.n_features = n_features
 
-    def initial_state(self) -> tuple[np.ndarray, np.ndarray]:
-        zeros = np.zeros(self.hidden_size, dtype=np.float32)
-        return zeros, zeros.copy()
-
-    def step(self, inputs: np.ndarray, h: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        gates = self._weights @ np.concatenate([inputs, h]) + self._bias
-        i, f, g, o = np.split(gates, 4)
-        c_next = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-        return _sigmoid(o) * np.tanh(c_next), c_next
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        evidence, observed, level = torch.split(rows, [self.n_features, self.n_features, 1], dim=-1)
+        evidence = evidence * observed
+        score = torch.where(level > 0, evidence.amax(dim=-1, keepdim=True) / level.clamp(min=1e-12), 0.0)
+        total = evidence.sum(dim=-1, keepdim=True)
+        shares = torch.where(total > 0, evidence / total.clamp(min=1e-12), torch.zeros_like(evidence))
+        return torch.cat([score, shares], dim=-1)

@@ -1,78 +1,49 @@
 """Imputation and per-device normalisation, shared by training and streaming.
 
-Training runs exactly this code over recorded sequences, so the model sees
+Training runs exactly these functions over recorded windows, so the model sees
 inputs prepared the way the job prepares them one event at a time.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-# A device's calibrated std never falls below this share of the typical
-# within-device std seen in training: a reading that happened to be flat
-# during a short calibration must not turn ordinary variation into alarms.
-MIN_STD_SHARE = 0.5
+
+class Baseline(NamedTuple):
+    """A device's normal level and spread per reading, fitted on its calibration events."""
+
+    median: np.ndarray
+    scale: np.ndarray
+
+    def normalise(self, filled: np.ndarray) -> np.ndarray:
+        """z-scores; a reading never observed yet (NaN after filling) sits at the baseline, z = 0."""
+        return np.nan_to_num((filled - self.median) / self.scale, nan=0.0).astype(np.float32)
 
 
-class FeaturePreprocessor:
-    """One device's imputation and normalisation state.
+def fit_baseline(filled_rows: np.ndarray) -> Baseline:
+    """Median and population std of each reading over forward-filled calibration rows.
 
-    The first ``calibration_events`` events fit the device's baseline (mean and
-    std of each reading); until then readings are normalised with the fleet
-    reference from training. A missing reading is replaced by the device's
-    last observed value, or by the baseline mean if it was never seen, and is
-    flagged in the mask so it never counts towards the score.
+    Median/std, not median/IQR: quantised sensors (flow, pressure) sit on two or
+    three levels and their IQR is often 0. The scale is floored at a tiny share
+    of the level so a flat reading cannot divide by zero.
     """
+    with np.errstate(all="ignore"):
+        median = np.nan_to_num(np.nanmedian(filled_rows, axis=0), nan=0.0)
+        std = np.nan_to_num(np.nanstd(filled_rows, axis=0), nan=0.0)
+    return Baseline(median, np.maximum(std, 1e-3 * np.abs(median) + 1e-6))
 
-    __slots__ = ("_ref_mean", "_ref_std", "_calibration_events", "events_seen", "_last", "_count", "_mean", "_m2",
-                 "_dev_mean", "_dev_std")
 
-    def __init__(self, reference_mean: np.ndarray, reference_std: np.ndarray, calibration_events: int):
-        n = len(reference_mean)
-        self._ref_mean = reference_mean
-        self._ref_std = reference_std
-        self._calibration_events = calibration_events
-        self.events_seen = 0
-        self._last = np.full(n, np.nan)
-        self._count = np.zeros(n)
-        self._mean = np.zeros(n)
-        self._m2 = np.zeros(n)
-        self._dev_mean: Optional[np.ndarray] = None
-        self._dev_std: Optional[np.ndarray] = None
-
-    @property
-    def calibrating(self) -> bool:
-        return self.events_seen < self._calibration_events
-
-    def _observe(self, values: np.ndarray, observed: np.ndarray) -> None:
-        """Welford update of the baseline with this event's observed readings."""
-        self._count += observed
-        delta = np.where(observed, values - self._mean, 0.0)
-        self._mean += delta / np.maximum(self._count, 1.0)
-        self._m2 += delta * np.where(observed, values - self._mean, 0.0)
-
-    def _freeze_baseline(self) -> None:
-        seen = self._count > 0
-        std = np.sqrt(self._m2 / np.maximum(self._count - 1.0, 1.0))
-        self._dev_mean = np.where(seen, self._mean, self._ref_mean)
-        self._dev_std = np.maximum(np.where(self._count > 1, std, self._ref_std), MIN_STD_SHARE * self._ref_std)
-
-    def transform(self, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(normalised imputed inputs, observed mask) for one event's raw values (NaN = missing)."""
-        observed = ~np.isnan(values)
-        if self.calibrating:
-            self._observe(values, observed)
-        self.events_seen += 1
-        if self._dev_mean is None and not self.calibrating:
-            self._freeze_baseline()
-        mean = self._ref_mean if self._dev_mean is None else self._dev_mean
-        std = self._ref_std if self._dev_std is None else self._dev_std
-        fallback = np.where(np.isnan(self._last), mean, self._last)
-        filled = np.where(observed, values, fallback)
-        self._last = filled
-        return ((filled - mean) / std).astype(np.float32), observed.astype(np.float32)
+def forward_fill(rows: np.ndarray, last: Optional[np.ndarray] = None) -> np.ndarray:
+    """Each missing (NaN) reading replaced by the last observed one; NaN until a first observation."""
+    filled = np.array(rows, dtype=np.float64)
+    previous = np.full(filled.shape[1], np.nan) if last is None else last
+    for row in filled:
+        missing = np.isnan(row)
+        row[missing] = previous[missing]
+        previous = row
+    return filled
 
 
 def readings_vector(readings: Mapping[str, Optional[float]], features: Sequence[str]) -> np.ndarray:

@@ -3,9 +3,23 @@
     python -m models.train --input FILE.avro [FILE.avro ...] --output_dir DIR [--epochs N] [--seed S]
 
 Each input is an Avro object-container file of SensorEvent records (what the
-record tool writes). Events are grouped per device, ordered by event time and
-prepared by the same imputation/normalisation code the streaming job runs.
-Training is deterministic for a given seed.
+record tool writes). Events are grouped per device and ordered by event time.
+
+Training imitates calibration: every device's recording is cut into windows as
+long as the job's calibration, each forward-filled and normalised on its own,
+once with the baseline of its first half (what drift after calibration looks
+like) and once with the whole window (what calibration sees). Each device
+weighs the same however long its recording is, so one long recording of
+another operating point cannot decide what "normal dynamics" are.
+
+The per-feature AR(1) coefficients are fitted first (weighted least squares)
+and frozen; the LSTM then learns a correction on top (Huber loss, full batch,
+AdamW with cosine schedule), starting from the AR(1) forecast (output layer
+zero, bias the AR intercept). Few steps (default 100) on purpose: the windows
+include calibration data of the very devices the model will score, and a
+longer fit starts forecasting their own behaviour, weak anomalies included.
+
+Training is deterministic for a given seed (one thread, deterministic kernels).
 """
 
 from __future__ import annotations
@@ -16,19 +30,21 @@ import logging
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import fastavro
 import numpy as np
 import torch
+from torch import nn
 
 from models.artifact import ModelArtifact, save_artifact
-from models.lstm import LstmForecaster, score_residuals
-from models.preprocessing import FeaturePreprocessor, readings_vector
+from models.detector import PostProcessing
+from models.lstm import LstmForecaster
+from models.preprocessing import fit_baseline, forward_fill, readings_vector
 
 _LOG = logging.getLogger("models.train")
-WINDOW = 64
-THRESHOLD_QUANTILE = 0.999
+WARM_UP_STEPS = 10  # first steps of each window: the LSTM state is still settling, not part of the loss
+LEARNING_RATE = 1e-2
 
 
 def read_device_sequences(paths: Sequence[Path]) -> dict[str, list[dict]]:
@@ -59,130 +75,135 @@ def feature_names(sequences: dict[str, list[dict]]) -> tuple[str, ...]:
     return tuple(sorted({name for events in sequences.values() for e in events for name in e["readings"]}))
 
 
-def raw_matrix(events: Iterable[dict], features: Sequence[str]) -> np.ndarray:
+def raw_matrix(events: Sequence[dict], features: Sequence[str]) -> np.ndarray:
     return np.stack([readings_vector(e["readings"], features) for e in events])
 
 
-def within_device_std(raws: Iterable[np.ndarray]) -> np.ndarray:
-    """The typical spread of each reading around its own device's mean.
-
-    Devices differ in baseline; the pooled std would mix that difference into
-    the scale every device is normalised with before its calibration ends.
-    """
-    centred = np.concatenate([raw - np.nanmean(raw, axis=0) for raw in raws])
-    return np.maximum(np.nanstd(centred, axis=0), 1e-6)
-
-
-def prepare(raw: np.ndarray, ref_mean: np.ndarray, ref_std: np.ndarray, calibration_events: int):
-    """Inputs and masks of one device, exactly as the streaming job computes them."""
-    pre = FeaturePreprocessor(ref_mean, ref_std, calibration_events)
-    xs, masks = zip(*(pre.transform(row) for row in raw))
-    return np.stack(xs), np.stack(masks)
+def device_windows(raw: np.ndarray, length: int) -> list[np.ndarray]:
+    """Normalised calibration-sized windows of one device (stride half a window), two normalisations each."""
+    starts = range(0, max(len(raw) - length, 0) + 1, max(length // 2, 1))
+    windows = []
+    for start in starts:
+        filled = forward_fill(raw[start:start + length])
+        for fit_rows in (len(filled) // 2, len(filled)):
+            windows.append(fit_baseline(filled[:fit_rows]).normalise(filled))
+    return windows
 
 
-def _windows(x: np.ndarray, mask: np.ndarray, start: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    stride = WINDOW // 2
-    return [(x[i : i + WINDOW], mask[i : i + WINDOW]) for i in range(start, max(start + 1, len(x) - WINDOW + 1), stride)
-            if len(x[i : i + WINDOW]) == WINDOW]
+class TrainingSet:
+    """Padded windows (batch, time, features), a loss mask and one weight per window."""
+
+    def __init__(self, per_device: dict[str, list[np.ndarray]]):
+        windows = [w for ws in per_device.values() for w in ws]
+        weights = [1.0 / len(ws) for ws in per_device.values() for _ in ws]
+        longest = max(len(w) for w in windows)
+        z = np.zeros((len(windows), longest, windows[0].shape[1]), dtype=np.float32)
+        mask = np.zeros((len(windows), longest - 1), dtype=np.float32)
+        for i, w in enumerate(windows):
+            z[i, :len(w)] = w
+            mask[i, WARM_UP_STEPS:len(w) - 1] = weights[i]
+        self.z = torch.from_numpy(z)
+        self.mask = torch.from_numpy(mask)
+
+    def weighted_mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over windows and steps of (batch, time-1[, features]) values, weighted by the mask."""
+        mask = self.mask if values.dim() == 2 else self.mask[..., None]
+        return (values * mask).sum(dim=(0, 1)) / self.mask.sum().clamp(min=1e-12)
 
 
-def fit(model: LstmForecaster, x: torch.Tensor, mask: torch.Tensor, epochs: int, seed: int) -> list[float]:
-    """Adam on masked squared forecast error; one loss per epoch, for the card."""
-    generator = torch.Generator().manual_seed(seed)
-    optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
-    losses = []
+def fit_ar(data: TrainingSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-feature AR(1) coefficient in [0, 1] and intercept, by weighted least squares with intercept."""
+    previous, current = data.z[:, :-1], data.z[:, 1:]
+    mean_p, mean_c = data.weighted_mean(previous), data.weighted_mean(current)
+    covariance = data.weighted_mean((previous - mean_p) * (current - mean_c))
+    variance = data.weighted_mean((previous - mean_p) ** 2).clamp(min=1e-9)
+    ar = (covariance / variance).clamp(0.0, 1.0)
+    return ar, mean_c - ar * mean_p
+
+
+def fit(data: TrainingSet, hidden_size: int, epochs: int, seed: int) -> tuple[LstmForecaster, float]:
+    """AR(1) first and frozen, then the LSTM correction; sets the residual scale. Returns the final loss."""
+    torch.manual_seed(seed)
+    model = LstmForecaster(data.z.shape[-1], hidden_size)
+    ar, intercept = fit_ar(data)
+    with torch.no_grad():
+        model.ar.copy_(ar)
+        model.head.bias.copy_(intercept)
+        model.head.weight.zero_()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(params, lr=LEARNING_RATE, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(epochs, 1))
+    target = data.z[:, 1:]
+    loss = torch.tensor(float("nan"))
     for epoch in range(epochs):
-        order = torch.randperm(len(x), generator=generator)
-        total = 0.0
-        for batch in order.split(64):
-            forecast = model(x[batch], mask[batch])
-            loss = ((forecast - x[batch]) ** 2 * mask[batch]).sum() / mask[batch].sum().clamp(min=1)
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(batch)
-        losses.append(total / len(x))
-        _LOG.info("epoch %d/%d loss %.4f", epoch + 1, epochs, losses[-1])
-    return losses
+        optimiser.zero_grad()
+        loss = data.weighted_mean(nn.functional.huber_loss(model(data.z), target, reduction="none").mean(-1))
+        loss.backward()
+        nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        if (epoch + 1) % max(epochs // 10, 1) == 0 or epoch + 1 == epochs:
+            _LOG.info("epoch %d/%d loss %.4f", epoch + 1, epochs, loss.item())
+    with torch.no_grad():
+        model.residual_scale.copy_(data.weighted_mean((model(data.z) - target) ** 2).sqrt().clamp(min=1e-3))
+    return model.eval(), float(loss.item())
 
 
 def train(
     paths: Sequence[Path],
     output_dir: Path,
     *,
-    epochs: int = 20,
+    epochs: int = 100,
     seed: int = 0,
-    hidden_size: int = 32,
-    calibration_events: int = 100,
+    hidden_size: int = 16,
+    calibration_events: int = 400,
+    post: PostProcessing = PostProcessing(),
 ) -> ModelArtifact:
     torch.manual_seed(seed)
     torch.set_num_threads(1)  # the same float sums every run
+    torch.use_deterministic_algorithms(True)
     sequences = read_device_sequences(paths)
     if not sequences:
         raise ValueError("the input files hold no SensorEvent records")
     features = feature_names(sequences)
-    raws = {device: raw_matrix(events, features) for device, events in sequences.items()}
-    pooled = np.concatenate(list(raws.values()))
-    ref_mean = np.nanmean(pooled, axis=0)
-    ref_std = within_device_std(raws.values())
-    prepared = {d: prepare(raw, ref_mean, ref_std, calibration_events) for d, raw in raws.items()}
-    windows = [w for x, m in prepared.values() for w in _windows(x, m, 0)]
-    x = torch.as_tensor(np.stack([w[0] for w in windows]))
-    mask = torch.as_tensor(np.stack([w[1] for w in windows]))
-    _LOG.info("training on %d devices, %d events, %d windows, features %s", len(raws), len(pooled), len(x), features)
-    model = LstmForecaster(len(features), hidden_size)
-    losses = fit(model, x, mask, epochs, seed)
-    residual_scale, scores = _residual_statistics(model, prepared, calibration_events)
-    threshold = float(np.quantile(scores, THRESHOLD_QUANTILE)) if len(scores) else 1.0
+    windows = {d: device_windows(raw_matrix(events, features), calibration_events) for d, events in sequences.items()}
+    events = sum(len(e) for e in sequences.values())
+    _LOG.info("training on %d devices, %d events, %d windows of %d, features %s", len(sequences), events,
+              sum(len(w) for w in windows.values()), calibration_events, features)
+    model, loss = fit(TrainingSet(windows), hidden_size, epochs, seed)
     digest = fingerprint(paths)
     spec = {
         "model_version": f"lstm-h{hidden_size}-{digest[:10]}-s{seed}",
         "features": list(features),
         "hidden_size": hidden_size,
-        "reference_mean": ref_mean.tolist(),
-        "reference_std": ref_std.tolist(),
-        "residual_scale": residual_scale.tolist(),
-        "threshold": {"policy": f"quantile {THRESHOLD_QUANTILE} of training scores after calibration",
-                      "value": threshold},
-        "training": {"fingerprint_sha256": digest, "files": [p.name for p in paths], "devices": len(raws),
-                     "events": int(len(pooled)), "epochs": epochs, "seed": seed,
-                     "calibration_events": calibration_events, "final_loss": losses[-1] if losses else None},
+        "post_processing": post.as_dict(),
+        "threshold": {"policy": f"per device: alarm when max feature evidence > {post.factor} x quantile "
+                                f"{post.quantile} of its calibration scores; score is in units of that quantile",
+                      "value": post.factor},
+        "training": {"fingerprint_sha256": digest, "files": [p.name for p in paths], "devices": len(sequences),
+                     "events": events, "epochs": epochs, "seed": seed, "calibration_events": calibration_events,
+                     "final_loss": loss},
     }
-    card = _model_card(spec)
-    return save_artifact(output_dir, model, spec, card)
+    return save_artifact(output_dir, model, spec, _model_card(spec, model))
 
 
-def _residual_statistics(model: LstmForecaster, prepared: dict, calibration_events: int):
-    """Per-feature residual std after calibration, and the training scores it gives."""
-    residuals, masks, xs, forecasts = [], [], [], []
-    with torch.no_grad():
-        for x, m in prepared.values():
-            xt, mt = torch.as_tensor(x)[None], torch.as_tensor(m)[None]
-            f = model(xt, mt)[0, calibration_events:]
-            xs.append(xt[0, calibration_events:])
-            masks.append(mt[0, calibration_events:])
-            forecasts.append(f)
-    x, m, f = torch.cat(xs), torch.cat(masks), torch.cat(forecasts)
-    if len(x) == 0:
-        return np.ones(model.n_features), np.zeros(0)
-    err = ((x - f) ** 2 * m).sum(0) / m.sum(0).clamp(min=1)
-    scale = err.sqrt().clamp(min=1e-3)
-    scores = score_residuals(x, m, f, scale)[:, 0].numpy()
-    return scale.numpy(), scores
-
-
-def _model_card(spec: dict) -> str:
+def _model_card(spec: dict, model: LstmForecaster) -> str:
     t = spec["training"]
+    post = spec["post_processing"]
     return (
         f"# Model card: {spec['model_version']}\n\n"
-        "LSTM next-step forecaster; the anomaly score is the mean squared standardised forecast residual "
-        "over observed readings; per-feature contributions are each reading's share of it.\n\n"
+        "LSTM next-step forecaster over per-device normalised readings (median/std of the device's calibration "
+        "events), with a frozen per-feature AR(1) term. Per device, squared standardised residuals are divided "
+        f"by their calibration mean (floor {post['floor']}), capped at {post['cap']}, smoothed by a per-feature "
+        f"EWMA (span {post['ewma_span']}); the score is the largest feature's evidence, in units of the "
+        f"{post['quantile']} quantile of the device's calibration scores; alarm above {post['factor']}.\n\n"
         f"- Features ({len(spec['features'])}): {', '.join(spec['features'])}\n"
-        f"- Hidden size: {spec['hidden_size']}\n"
+        f"- AR(1) coefficients: {', '.join(f'{a:.2f}' for a in model.ar.tolist())}\n"
+        f"- LSTM hidden size {spec['hidden_size']}\n"
         f"- Training data: {', '.join(t['files'])} ({t['devices']} devices, {t['events']} events), "
-        f"sha256 {t['fingerprint_sha256']}\n"
+        f"windows of {t['calibration_events']} events, sha256 {t['fingerprint_sha256']}\n"
         f"- Epochs {t['epochs']}, seed {t['seed']}, final training loss {t['final_loss']:.4f}\n"
-        f"- Threshold: {spec['threshold']['value']:.4f} ({spec['threshold']['policy']})\n"
+        "- Metrics: see the benchmark table in README.md (python -m benchmarks.skab)\n"
     )
 
 
@@ -191,11 +212,11 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, type=Path, help="Avro container files of SensorEvent")
     parser.add_argument("--output_dir", required=True, type=Path, help="folder to write the model artifact to")
-    parser.add_argument("--epochs", type=int, default=20, help="training epochs (default 20)")
+    parser.add_argument("--epochs", type=int, default=100, help="full-batch training steps (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed and data, same model (default 0)")
-    parser.add_argument("--hidden_size", type=int, default=32, help="LSTM hidden size (default 32)")
-    parser.add_argument("--calibration_events", type=int, default=100,
-                        help="per-device warm-up events used to fit each device's baseline (default 100)")
+    parser.add_argument("--hidden_size", type=int, default=16, help="LSTM hidden size (default 16)")
+    parser.add_argument("--calibration_events", type=int, default=400,
+                        help="training window length; match the job's --calibration_events (default 400)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     missing = [str(p) for p in args.input if not p.is_file()]
