@@ -57,6 +57,23 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         type=int, default=256, help="largest RunInference batch across devices (default 256)")),
     ("Model", "--inference_device", dict(
         choices=("CPU", "GPU"), default="CPU", help="where RunInference runs the scoring head (default CPU)")),
+    ("Drift", "--retrain_topic", dict(
+        default="sensor-retrain", help="topic for RetrainTrigger records (default sensor-retrain)")),
+    ("Drift", "--drift_window_s", dict(
+        type=float, default=60.0, help="event-time window of the fleet-wide drift statistics (default 60)")),
+    ("Drift", "--drift_psi_threshold", dict(
+        type=float, default=3.0,
+        help="a window drifts when its PSI exceeds this (default 3.0; fleet windows are clustered by device, "
+             "unshifted simulated windows reach 2.2, a 3-std shift about 8)")),
+    ("Drift", "--drift_ks_pvalue", dict(
+        type=float, default=1e-6,
+        help="or when its KS p-value, at the effective sample size, is below this (default 1e-6)")),
+    ("Drift", "--retrain_after_windows", dict(
+        type=int, default=3, help="consecutive drifting windows of one feature that emit a retrain trigger (default 3)")),
+    ("Monitoring", "--metrics_port", dict(
+        type=int, default=0, help="serve the live figures as Prometheus text on this port, /metrics (default 0: off)")),
+    ("Monitoring", "--status_interval_s", dict(
+        type=float, default=5.0, help="seconds between status lines in the log (default 5; 0: off)")),
     ("Files", "--input_files", dict(
         default=None,
         help="file mode: score recordings matching this glob ('DIR/*.avro') instead of Kafka, bounded; "

@@ -23,6 +23,7 @@ import sys
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs.drift_output import write_drift
 from beam_jobs.options import SensorScoringOptions, help_parser
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError, load_artifact
@@ -41,12 +42,13 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
     config = KafkaConfig(opts.bootstrap_servers)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
+    messages = records | "ScoreRecords" >> scoring_transform(opts)
     _ = (
-        records
-        | "ScoreRecords" >> scoring_transform(opts)
+        messages
         | "Write" >> WriteToKafka(config, {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic})
         | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     )
+    write_drift(records, messages, opts, config)
 
 
 def scoring_transform(opts: SensorScoringOptions) -> ScoreSensorRecords:
@@ -91,7 +93,8 @@ def prepare(opts: SensorScoringOptions):
     """Checks the model and the broker before anything runs; returns the partitions to read."""
     load_artifact(opts.model_dir)
     config = KafkaConfig(opts.bootstrap_servers)
-    ensure_topics(config, [opts.input_topic, opts.score_topic, opts.drift_topic, opts.dead_letter_topic],
+    ensure_topics(config, [opts.input_topic, opts.score_topic, opts.drift_topic, opts.retrain_topic,
+                           opts.dead_letter_topic],
                   partitions=opts.topic_partitions)
     return resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
 

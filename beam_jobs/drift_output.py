@@ -1,0 +1,49 @@
+"""The job's drift branch: DriftStatistics and RetrainTrigger records to their Kafka topics.
+
+Kept apart from ``build_pipeline`` so the scoring path stays one chain; the
+branch's sink acknowledgements are dropped: drift records answer for no
+input offset, so they never hold back or advance offset commits.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import apache_beam as beam
+
+from beam_jobs.options import SensorScoringOptions
+from models.artifact import load_artifact
+from models.drift_reference import DriftReference, load_reference
+from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, ComputeDrift
+from transforms.drift_stats import DriftThresholds
+from transforms.kafka_client import KafkaConfig
+from transforms.kafka_sink import WriteToKafka
+
+_LOG = logging.getLogger("sensor_scoring")
+
+
+def drift_reference(opts: SensorScoringOptions) -> DriftReference | None:
+    """The model's reference, or None (with a warning) when the artifact has none: then no drift branch."""
+    reference = load_reference(opts.model_dir)
+    if reference is None:
+        _LOG.warning("%s has no drift reference (python -m models.drift_reference writes one): "
+                     "no drift statistics", opts.model_dir)
+    elif reference.model_version != load_artifact(opts.model_dir).version:
+        _LOG.warning("the drift reference in %s was built for model %s", opts.model_dir, reference.model_version)
+    return reference
+
+
+def write_drift(records: beam.PCollection, messages: beam.PCollection, opts: SensorScoringOptions,
+                config: KafkaConfig) -> None:
+    """Adds the drift branch: input records and scoring messages in, drift and retrain topics out."""
+    reference = drift_reference(opts)
+    if reference is None:
+        return
+    branches = (records, messages) | "Drift" >> ComputeDrift(
+        reference, window_s=opts.drift_window_s, retrain_after_windows=opts.retrain_after_windows,
+        thresholds=DriftThresholds(psi=opts.drift_psi_threshold, ks_pvalue=opts.drift_ks_pvalue),
+        wire_format=opts.wire_format,
+    )
+    topics = {DRIFT_STREAM: opts.drift_topic, RETRAIN_STREAM: opts.retrain_topic}
+    for name, branch in zip(("Readings", "Scores"), branches):
+        _ = branch | f"Write{name}Drift" >> WriteToKafka(config, topics)
