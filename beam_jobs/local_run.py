@@ -30,6 +30,7 @@ from transforms.kafka_client import KafkaConfig, end_offsets, ensure_topics, mak
 TOPICS = {"input": "sensor-events", "scores": "sensor-scores", "dead": "sensor-dead-letters", "drift": "sensor-drift"}
 GROUP = "sensor-scoring"
 STATUS_EVERY_S = 2.0
+METRICS_PORT = 9108  # the job's Prometheus endpoint in local runs; its status lines are in the job log
 
 
 class TopicCounter:
@@ -79,7 +80,8 @@ class LagProbe:
 
 def start_job(bootstrap: str, job_args: list[str], log_path: Path) -> subprocess.Popen:
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", bootstrap, *job_args]
+    metrics = [] if any(a.startswith("--metrics_port") for a in job_args) else ["--metrics_port", str(METRICS_PORT)]
+    command = [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", bootstrap, *metrics, *job_args]
     log = open(log_path, "w", encoding="utf-8")
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 
@@ -137,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         job = start_job(bootstrap, job_args, args.log)
         stack.callback(stop_job, job)
         print(f"job started (pid {job.pid}, log {args.log}); feeding {args.devices} simulated machines", flush=True)
+        print(f"live status lines in {args.log}; Prometheus metrics on http://localhost:{METRICS_PORT}/metrics "
+              "unless -- --metrics_port says otherwise", flush=True)
         sent = [0]
         feeder = threading.Thread(target=feed, args=(config, args, sent), daemon=True)
         feeder.start()

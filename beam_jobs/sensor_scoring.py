@@ -24,6 +24,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_jobs.drift_output import write_drift
+from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError, load_artifact
@@ -112,8 +113,12 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
               ", ".join(f"p{p.partition}@{p.start_offset}..{p.stop_offset or 'end'}" for p in partitions))
     pipeline = beam.Pipeline(options=options)
     build_pipeline(pipeline, opts, partitions)
-    result = pipeline.run()
-    result.wait_until_finish()
+    monitor = Monitor(opts.status_interval_s, opts.metrics_port).start()
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    finally:
+        monitor.stop()
     return result
 
 

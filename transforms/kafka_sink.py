@@ -21,6 +21,7 @@ from apache_beam.utils.timestamp import MAX_TIMESTAMP, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from transforms.kafka_client import KafkaConfig, make_producer
+from transforms.live_stats import LIVE
 from transforms.offset_commits import SourcePosition, Span, compact_spans
 
 _METRICS = "kafka_sink"
@@ -50,6 +51,7 @@ class _ProduceFn(beam.DoFn):
         self._config = config
         self._topics = dict(topics)
         self._written = {stream: beam.metrics.Metrics.counter(_METRICS, f"{stream}_written") for stream in topics}
+        self._latency = beam.metrics.Metrics.distribution(_METRICS, "end_to_end_latency_ms")  # source read -> acked
 
     def setup(self) -> None:
         self._producer = make_producer(self._config)
@@ -66,7 +68,7 @@ class _ProduceFn(beam.DoFn):
         self._earliest = min(self._earliest, timestamp)
         topic = self._topics[message.stream]
         future = self._producer.send(topic, key=message.key, value=message.value, timestamp_ms=message.timestamp_ms)
-        self._pending.append((message.stream, future))
+        self._pending.append((message.stream, future, message.source))
         if message.source is not None:
             self._positions.append(message.source)
 
@@ -74,9 +76,11 @@ class _ProduceFn(beam.DoFn):
         if not self._pending:
             return
         self._producer.flush()
-        for stream, future in self._pending:
+        for stream, future, source in self._pending:
             future.get(timeout=0)  # raises the send's error: the bundle is retried
             self._written[stream].inc()
+            for latency in LIVE.written(stream, (source,)):
+                self._latency.update(latency)
         for key, spans in compact_spans(self._positions).items():
             yield WindowedValue((key, spans), self._earliest, [GlobalWindow()])
 

@@ -21,6 +21,8 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from kafka import KafkaConsumer, TopicPartition
 
 from transforms.kafka_client import KafkaConfig, PartitionDescriptor, make_consumer
+from transforms.live_stats import LIVE
+from transforms.offset_commits import partition_key
 
 _LOG = logging.getLogger(__name__)
 _UNBOUNDED_STOP = 2**63 - 1
@@ -155,6 +157,7 @@ class _ReadPartitionFn(beam.DoFn):
                 )
                 next_span = record.offset + 1
             emitted += len(batch)
+            LIVE.batch_read(partition_key(tp.topic, tp.partition), batch[0].offset, len(batch), consumer.highwater(tp))
             self._records_read.inc(len(batch))
             watermark.set_watermark(Timestamp.of(wm_ms / 1000))
         tracker.defer_remainder()

@@ -14,6 +14,7 @@ from schemas.serde import DEAD_LETTER, SCORE, AvroEncoder
 from transforms.dead_letters import Rejected, dead_letter, dead_letter_message
 from transforms.device_state import ScoringContext
 from transforms.kafka_sink import SCORES, OutgoingMessage
+from transforms.live_stats import LIVE
 
 _METRICS = "scoring"
 STAGE_INFERENCE = "inference"
@@ -125,6 +126,7 @@ class _ToMessagesFn(beam.DoFn):
         self._scores.inc()
         if record["is_anomaly"]:
             self._anomalies.inc()
+        LIVE.scored(record["is_anomaly"])
         event = context.event
         return OutgoingMessage(SCORES, event.device_id.encode(), self._encode_score(record), event.event_time,
                                event.source)
