@@ -5,6 +5,14 @@ record leaves this stage exactly once, as a ValidEvent keyed by its device or
 as a Rejected dead letter (keyed by its partition) that carries the original
 bytes and a readable reason. Both go down one keyed stream: see
 transforms/dead_letters.py for why.
+
+Data minimisation: a ValidEvent keeps only what scoring needs (ids, event
+time, readings); other fields of newer producers' schemas are dropped by the
+Avro reader. With a pseudonymizer, the device id is replaced right here, so
+state keys, scores, drift and audit records only ever see the pseudonym. The
+original key and bytes stay with the event only to be written to the
+dead-letter topic should it fail; dead letters keep the original bytes by
+contract, so that topic needs the same protection as the input topic.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from schemas.serde import EVENT, AvroDecoder, SerdeError
 from transforms.dead_letters import Rejected, dead_letter
 from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import SourcePosition
+from transforms.pseudonymize import pseudonymizer_from_env
 
 _METRICS = "decode"
 STAGE_DECODE = "decode"
@@ -51,16 +60,22 @@ class ValidationRules:
     max_readings: int = 1000
 
 
+def _id_error(name: str, value: str, rules: ValidationRules) -> Optional[str]:
+    """Ids become state keys, Kafka keys and log text: blank, huge or control characters are corrupt."""
+    if not value or not value.strip():
+        return f"missing {name}"
+    if len(value) > rules.max_id_length:
+        return f"{name} is {len(value)} characters long (limit {rules.max_id_length})"
+    if not value.isprintable():
+        return f"{name} {value[:40]!r} contains control or unprintable characters"
+    return None
+
+
 def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Optional[str]:
     """Why the event cannot be scored, or None if it can."""
-    if not event["device_id"] or not event["device_id"].strip():
-        return "missing device_id"
-    if len(event["device_id"]) > rules.max_id_length:
-        return f"device_id is {len(event['device_id'])} characters long (limit {rules.max_id_length})"
-    if not event["event_id"] or not event["event_id"].strip():
-        return "missing event_id"
-    if len(event["event_id"]) > rules.max_id_length:
-        return f"event_id is {len(event['event_id'])} characters long (limit {rules.max_id_length})"
+    error = _id_error("device_id", event["device_id"], rules) or _id_error("event_id", event["event_id"], rules)
+    if error:
+        return error
     if event["event_time"] < _EARLIEST_MS:
         return f"event_time {event['event_time']} is before 2000-01-01"
     if event["event_time"] > now_ms + rules.max_future_s * 1000:
@@ -68,6 +83,8 @@ def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Option
     if len(event["readings"]) > rules.max_readings:
         return f"{len(event['readings'])} readings (limit {rules.max_readings})"
     for name, value in event["readings"].items():
+        if len(name) > rules.max_id_length:
+            return f"a reading name is {len(name)} characters long (limit {rules.max_id_length})"
         if value is None:
             continue
         if not math.isfinite(value):
@@ -78,14 +95,16 @@ def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Option
 
 
 class _DecodeFn(beam.DoFn):
-    def __init__(self, wire_format: str, rules: ValidationRules):
+    def __init__(self, wire_format: str, rules: ValidationRules, pseudonymize_key_env: Optional[str]):
         self._wire_format = wire_format
         self._rules = rules
+        self._pseudonymize_key_env = pseudonymize_key_env  # the variable's name; the key is read in setup()
         self._valid = beam.metrics.Metrics.counter(_METRICS, "events_valid")
         self._dead = beam.metrics.Metrics.counter(_METRICS, "dead_letters")
 
     def setup(self) -> None:
         self._decode = AvroDecoder(EVENT, self._wire_format)
+        self._pseudonymize = pseudonymizer_from_env(self._pseudonymize_key_env)
 
     def process(self, record: KafkaRecord) -> Iterator[Union[beam.window.TimestampedValue, tuple[str, Rejected]]]:
         source = SourcePosition(record.topic, record.partition, record.offset, record.span_start)
@@ -99,7 +118,8 @@ class _DecodeFn(beam.DoFn):
             yield self._reject(record, source, error, STAGE_VALIDATE)
             return
         self._valid.inc()
-        valid = ValidEvent(event["event_id"], event["device_id"], event["event_time"], event["readings"],
+        device_id = self._pseudonymize(event["device_id"]) if self._pseudonymize else event["device_id"]
+        valid = ValidEvent(event["event_id"], device_id, event["event_time"], event["readings"],
                            source, record.watermark_ms, record.key, record.value)
         yield beam.window.TimestampedValue((valid.device_id, valid), Timestamp.of(valid.event_time / 1000))
 
@@ -111,17 +131,22 @@ class _DecodeFn(beam.DoFn):
 
 
 class DecodeEvents(beam.PTransform):
-    """KafkaRecords in; (key, ValidEvent timestamped by event_time | Rejected) out."""
+    """KafkaRecords in; (key, ValidEvent timestamped by event_time | Rejected) out.
 
-    def __init__(self, wire_format: str = "plain", rules: ValidationRules = ValidationRules()):
+    `pseudonymize_key_env` names the environment variable with the HMAC key
+    that replaces device ids (transforms/pseudonymize.py); None keeps them.
+    """
+
+    def __init__(self, wire_format: str = "plain", rules: ValidationRules = ValidationRules(),
+                 pseudonymize_key_env: Optional[str] = None):
         super().__init__()
         self._wire_format = wire_format
         self._rules = rules
+        self._pseudonymize_key_env = pseudonymize_key_env
 
     def expand(self, records: beam.PCollection[KafkaRecord]) -> beam.PCollection[tuple[str, Any]]:
-        return records | "DecodeValidate" >> beam.ParDo(_DecodeFn(self._wire_format, self._rules)).with_output_types(
-            Tuple[str, Any]
-        )
+        decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env)
+        return records | "DecodeValidate" >> beam.ParDo(decode).with_output_types(Tuple[str, Any])
 
 
 def is_valid(element: tuple[str, Any]) -> bool:

@@ -7,6 +7,7 @@ security settings are passed the same way to every client.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple, Optional
@@ -18,10 +19,73 @@ from kafka.errors import KafkaError, TopicAlreadyExistsError
 _LOG = logging.getLogger(__name__)
 
 START_FROM_CHOICES = ("committed", "earliest", "latest")
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class BrokerUnavailable(RuntimeError):
     """No Kafka broker answered at the configured bootstrap servers."""
+
+
+class KafkaSecurityError(ValueError):
+    """Security settings that cannot work; the message names the setting, never a secret."""
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """TLS and SASL settings for every client.
+
+    It holds no secret, so it can be logged, pickled into DoFns and shipped to
+    workers: the SASL password is read from the environment variable named by
+    ``sasl_password_env`` each time a client is created, on the worker that
+    creates it.
+    """
+
+    protocol: str = "PLAINTEXT"
+    ssl_cafile: Optional[str] = None
+    ssl_certfile: Optional[str] = None
+    ssl_keyfile: Optional[str] = None
+    sasl_mechanism: Optional[str] = None
+    sasl_username: Optional[str] = None
+    sasl_password_env: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in SECURITY_PROTOCOLS:
+            raise KafkaSecurityError(f"security protocol must be one of {SECURITY_PROTOCOLS}, not {self.protocol!r}")
+        if self.uses_sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password_env):
+            raise KafkaSecurityError(
+                f"{self.protocol} needs --sasl_mechanism, --sasl_username and --sasl_password_env")
+        if self.uses_sasl and self.sasl_mechanism not in SASL_MECHANISMS:
+            raise KafkaSecurityError(f"SASL mechanism must be one of {SASL_MECHANISMS}, not {self.sasl_mechanism!r}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise KafkaSecurityError("a client certificate needs both --ssl_certfile and --ssl_keyfile")
+
+    @property
+    def uses_sasl(self) -> bool:
+        return self.protocol.startswith("SASL_")
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.protocol.endswith("SSL")
+
+    def client_kwargs(self) -> dict:
+        """kafka-python's security settings; reads the SASL password from the environment now."""
+        kwargs: dict = {"security_protocol": self.protocol}
+        if self.uses_tls:
+            files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile}
+            kwargs.update({name: path for name, path in files.items() if path})
+        if self.uses_sasl:
+            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
+                          sasl_plain_password=secret_from_env(self.sasl_password_env))
+        return kwargs
+
+
+def secret_from_env(name: str) -> str:
+    """The value of environment variable `name`; an error that names the variable, not a value, if unset."""
+    value = os.environ.get(name)
+    if not value:
+        raise KafkaSecurityError(f"environment variable {name} is not set or empty")
+    return value
 
 
 @dataclass(frozen=True)
@@ -31,9 +95,11 @@ class KafkaConfig:
     bootstrap_servers: str = "localhost:9092"
     client_id: str = "sensor-scoring"
     extra: dict = field(default_factory=dict)
+    security: KafkaSecurity = KafkaSecurity()
 
     def client_kwargs(self) -> dict:
-        return {"bootstrap_servers": self.bootstrap_servers.split(","), "client_id": self.client_id, **self.extra}
+        return {"bootstrap_servers": self.bootstrap_servers.split(","), "client_id": self.client_id,
+                **self.security.client_kwargs(), **self.extra}
 
 
 class PartitionDescriptor(NamedTuple):
@@ -45,21 +111,38 @@ class PartitionDescriptor(NamedTuple):
     stop_offset: Optional[int]
 
 
+_FIRST_RETRY_S = 0.5
+_MAX_RETRY_S = 5.0
+
+
 def make_admin(config: KafkaConfig, timeout_s: float = 10.0) -> KafkaAdminClient:
-    """An admin client, or BrokerUnavailable with the address in the message."""
+    """An admin client, once the broker answers.
+
+    A broker that is restarting or not up yet is waited for: attempts are
+    retried with exponential backoff (0.5 s doubling to 5 s), each retry
+    logged with the error, for up to `timeout_s`; then BrokerUnavailable with
+    the address in the message.
+    """
     deadline = time.monotonic() + timeout_s
+    delay = _FIRST_RETRY_S
     while True:
+        attempt_s = min(_MAX_RETRY_S, max(1.0, deadline - time.monotonic()))
         try:
             return KafkaAdminClient(
-                **config.client_kwargs(), request_timeout_ms=10000, bootstrap_timeout_ms=int(timeout_s * 1000)
+                **config.client_kwargs(), request_timeout_ms=10000, bootstrap_timeout_ms=int(attempt_s * 1000)
             )
         except (KafkaError, OSError) as e:
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if left <= 0:
                 raise BrokerUnavailable(
-                    f"no Kafka broker answered at {config.bootstrap_servers} within {timeout_s:.0f} s ({e}); "
+                    f"no Kafka broker answered at {config.bootstrap_servers} within {timeout_s:.0f} s ({e!r}); "
                     "start one (./run_local.sh starts an embedded broker) or pass --bootstrap_servers"
                 ) from e
-            time.sleep(0.5)
+            delay = min(delay, left)
+            _LOG.warning("no Kafka broker answered at %s (%r); retrying in %.1f s, giving up in %.0f s",
+                         config.bootstrap_servers, e, delay, left)
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_RETRY_S)
 
 
 def make_consumer(config: KafkaConfig, group_id: str | None = None, **kwargs) -> KafkaConsumer:
