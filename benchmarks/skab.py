@@ -33,12 +33,11 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from beam_jobs.embedded_broker import EmbeddedBroker
-from beam_jobs.record import merged_records, offset_ranges
 from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
 from models.train import train
 from schemas.serde import SCORE, AvroDecoder
-from transforms.kafka_client import KafkaConfig, make_consumer
+from transforms.kafka_client import KafkaConfig, end_offsets, make_consumer, partitions_of
 
 _LOG = logging.getLogger("benchmarks.skab")
 FREE_GROUP = "anomaly-free"
@@ -109,12 +108,19 @@ def write_recordings(files: Sequence[SkabFile], folder: Path, calibration_events
 
 
 def read_scores(config: KafkaConfig, topic: str) -> dict[str, dict]:
-    """Every SensorScore of `topic`, by event_id."""
-    consumer = make_consumer(config, max_partition_fetch_bytes=4 * 1024 * 1024)  # as beam_jobs.record reads
+    """Every SensorScore of `topic` up to its end offsets now, by event_id."""
+    consumer = make_consumer(config)
+    decode = AvroDecoder(SCORE)
     try:
-        decode = AvroDecoder(SCORE)
-        return {s["event_id"]: s for s in map(decode, (r.value for r in merged_records(
-            consumer, offset_ranges(consumer, topic, None, None))))}
+        tps = partitions_of(consumer, topic)
+        ends = end_offsets(consumer, tps)
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        scores = {}
+        while any(consumer.position(tp) < ends[tp] for tp in tps):
+            for records in consumer.poll(timeout_ms=500).values():
+                scores.update((s["event_id"], s) for s in (decode(r.value) for r in records))
+        return scores
     finally:
         consumer.close()
 

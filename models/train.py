@@ -63,11 +63,17 @@ def _millis(value) -> int:
     return value if isinstance(value, int) else int(value.timestamp() * 1000)
 
 
-def fingerprint(paths: Sequence[Path]) -> str:
-    """sha256 over the training files' bytes, in the order given."""
+def fingerprint(sequences: dict[str, list[dict]]) -> str:
+    """sha256 over the training events per device in time order: the data, not the file bytes.
+
+    Avro container files carry a random sync marker, so the same events written
+    twice differ byte for byte; this fingerprint does not.
+    """
     digest = hashlib.sha256()
-    for path in paths:
-        digest.update(path.read_bytes())
+    for device, events in sequences.items():
+        for e in events:
+            readings = sorted((k, v) for k, v in e["readings"].items())
+            digest.update(repr((device, e["event_id"], _millis(e["event_time"]), readings)).encode())
     return digest.hexdigest()
 
 
@@ -171,7 +177,7 @@ def train(
     _LOG.info("training on %d devices, %d events, %d windows of %d, features %s", len(sequences), events,
               sum(len(w) for w in windows.values()), calibration_events, features)
     model, loss = fit(TrainingSet(windows), hidden_size, epochs, seed)
-    digest = fingerprint(paths)
+    digest = fingerprint(sequences)
     spec = {
         "model_version": f"lstm-h{hidden_size}-{digest[:10]}-s{seed}",
         "features": list(features),

@@ -16,18 +16,19 @@ from transforms.device_state import DeviceLogic, DeviceStateDoFn
 from transforms.offset_commits import SourcePosition
 
 TTL_S = 10
+CALIBRATION = 3
 ARTIFACT = load_artifact(BUNDLED_MODEL_DIR)
-H = ARTIFACT.hidden_size
+N = len(ARTIFACT.features)
 
 
 def event(device: str, t_ms: int, offset: int, source_watermark_ms: int | None = None) -> ValidEvent:
-    readings = {name: float(i + t_ms % 7) for i, name in enumerate(ARTIFACT.features)}
+    readings = {name: float(i + (t_ms // 1000) % 7) for i, name in enumerate(ARTIFACT.features)}
     return ValidEvent(f"{device}-{t_ms}", device, t_ms, readings, SourcePosition("t", 0, offset, offset),
                       t_ms if source_watermark_ms is None else source_watermark_ms, None, b"")
 
 
 def logic() -> DeviceLogic:
-    return DeviceLogic(ARTIFACT, TTL_S * 1000, calibration_events=3)
+    return DeviceLogic(ARTIFACT, TTL_S * 1000, calibration_events=CALIBRATION)
 
 
 def run_steps(events: list[ValidEvent]) -> list:
@@ -40,62 +41,67 @@ def run_steps(events: list[ValidEvent]) -> list:
     return results
 
 
+def level(step) -> float:
+    """The alarm level in the head row: 0 until the device has calibrated."""
+    return float(step.model_input[-1])
+
+
 def test_gap_of_ttl_resets_the_state():
-    steps = run_steps([event("a", 1000, 0), event("a", 2000, 1), event("a", 2000 + TTL_S * 1000, 2)])
-    assert not steps[1].reset and np.any(steps[1].model_input[:H] != 0)
-    assert steps[2].reset and np.all(steps[2].model_input[:H] == 0)
-    assert steps[2].calibrating
+    times = [1000, 2000, 3000, 4000, 4000 + TTL_S * 1000]
+    steps = run_steps([event("a", t, i) for i, t in enumerate(times)])
+    assert not steps[3].reset and not steps[3].calibrating and level(steps[3]) > 0
+    assert steps[4].reset and steps[4].calibrating and level(steps[4]) == 0.0
 
 
 def test_gap_just_under_ttl_keeps_the_state():
-    steps = run_steps([event("a", 1000, 0), event("a", 1000 + TTL_S * 1000 - 1, 1)])
-    assert not steps[1].reset and np.any(steps[1].model_input[:H] != 0)
+    times = [1000, 2000, 3000, 3000 + TTL_S * 1000 - 1]
+    steps = run_steps([event("a", t, i) for i, t in enumerate(times)])
+    assert not steps[3].reset and not steps[3].calibrating
 
 
 def test_out_of_order_event_is_scored_but_does_not_advance_the_state():
-    in_order = run_steps([event("a", 1000, 0), event("a", 3000, 1), event("a", 4000, 2)])
-    with_late = run_steps([event("a", 1000, 0), event("a", 3000, 1), event("a", 2000, 2), event("a", 4000, 3)])
-    assert not with_late[2].in_order
-    np.testing.assert_array_equal(with_late[2].model_input[:H], with_late[3].model_input[:H])
-    np.testing.assert_array_equal(in_order[2].model_input, with_late[3].model_input)
+    in_order = run_steps([event("a", t, i) for i, t in enumerate([1000, 2000, 3000, 5000, 6000])])
+    with_late = run_steps([event("a", t, i) for i, t in enumerate([1000, 2000, 3000, 5000, 4000, 6000])])
+    assert not with_late[4].in_order and level(with_late[4]) > 0
+    np.testing.assert_array_equal(in_order[4].model_input, with_late[5].model_input)
 
 
 def test_missing_readings_are_imputed_and_masked():
-    first, second = event("a", 1000, 0), event("a", 2000, 1)
-    second.readings[ARTIFACT.features[0]] = None
-    del second.readings[ARTIFACT.features[1]]
-    steps = run_steps([first, second])
-    n = len(ARTIFACT.features)
-    assert steps[1].imputed == ARTIFACT.features[:2]
-    mask = steps[1].model_input[H + n:]
-    assert list(mask) == [0.0, 0.0] + [1.0] * (n - 2)
-    assert np.all(np.isfinite(steps[1].model_input))
+    events = [event("a", t, i) for i, t in enumerate([1000, 2000, 3000, 4000])]
+    events[3].readings[ARTIFACT.features[0]] = None
+    del events[3].readings[ARTIFACT.features[1]]
+    steps = run_steps(events)
+    assert steps[3].imputed == ARTIFACT.features[:2]
+    evidence, observed = steps[3].model_input[:N], steps[3].model_input[N:2 * N]
+    assert list(observed) == [0.0, 0.0] + [1.0] * (N - 2)
+    assert evidence[0] == evidence[1] == 0.0
+    assert np.all(np.isfinite(steps[3].model_input))
 
 
-class _KeepHiddenStates(beam.DoFn):
-    """Records h_{t-1} of each output in a class attribute: the test reads it after the run."""
+class _KeepModelInputs(beam.DoFn):
+    """Records the head row of each output in a class attribute: the test reads it after the run."""
 
     seen: dict = {}
 
     def process(self, output):
         context, model_input = output
-        _KeepHiddenStates.seen[context.event.event_id] = model_input[:H].numpy()
+        _KeepModelInputs.seen[context.event.event_id] = model_input.numpy()
 
 
-def _hidden_states(stream: EventStream) -> dict:
-    """Runs DeviceStateDoFn on TestStream (BundleBasedDirectRunner); h_{t-1} by event_id."""
+def _model_inputs(stream: EventStream) -> dict:
+    """Runs DeviceStateDoFn on TestStream (BundleBasedDirectRunner); head rows by event_id."""
     options = PipelineOptions([])
     options.view_as(StandardOptions).streaming = True
-    _KeepHiddenStates.seen = {}
+    _KeepModelInputs.seen = {}
     with beam.Pipeline(options=options) as pipeline:
         _ = (
             pipeline
             | stream
             | beam.Map(lambda e: (e.device_id, e)).with_output_types(Tuple[str, Any])
-            | beam.ParDo(DeviceStateDoFn(str(BUNDLED_MODEL_DIR), TTL_S, calibration_events=3))
-            | beam.ParDo(_KeepHiddenStates())
+            | beam.ParDo(DeviceStateDoFn(str(BUNDLED_MODEL_DIR), TTL_S, calibration_events=CALIBRATION))
+            | beam.ParDo(_KeepModelInputs())
         )
-    return dict(_KeepHiddenStates.seen)
+    return dict(_KeepModelInputs.seen)
 
 
 def _ts(e: ValidEvent) -> TimestampedValue:
@@ -106,7 +112,8 @@ def test_timer_reclaims_state_once_the_source_watermark_passed_expiry():
     """a's timer fires at 12 s; a record of its partition carries watermark 20 s: the state goes.
 
     Clearing is visible only to a late event of a (event time before the expiry), which then
-    starts from a fresh state: that is Beam's late-data semantics.
+    starts from a fresh state: that is Beam's late-data semantics. With the state kept, a-5000
+    would be a's third event and end its calibration (alarm level > 0); cleared, it is its first.
     """
     stream = (
         EventStream()
@@ -116,9 +123,8 @@ def test_timer_reclaims_state_once_the_source_watermark_passed_expiry():
         .add_elements([_ts(event("a", 5000, 3))])
         .advance_watermark_to_infinity()
     )
-    hidden = _hidden_states(stream)
-    assert np.any(hidden["a-2000"] != 0)
-    assert not np.any(hidden["a-5000"])
+    rows = _model_inputs(stream)
+    assert rows["a-5000"][-1] == 0.0
 
 
 def test_early_timer_never_changes_a_score():
@@ -130,7 +136,7 @@ def test_early_timer_never_changes_a_score():
         .add_elements([_ts(event("a", 5000, 2))])
         .advance_watermark_to_infinity()
     )
-    hidden = _hidden_states(stream)
+    rows = _model_inputs(stream)
     expected = run_steps([event("a", 1000, 0), event("a", 2000, 1), event("a", 5000, 2)])
-    np.testing.assert_allclose(hidden["a-5000"], expected[2].model_input[:H], atol=1e-6)
-    assert np.any(hidden["a-5000"] != 0)
+    np.testing.assert_allclose(rows["a-5000"], expected[2].model_input, atol=1e-6)
+    assert rows["a-5000"][-1] > 0

@@ -18,7 +18,7 @@ from transforms.scoring import ScoreEvents
 
 ARTIFACT = load_artifact(BUNDLED_MODEL_DIR)
 N = len(ARTIFACT.features)
-WIDTH = ARTIFACT.hidden_size + 2 * N
+WIDTH = 2 * N + 1  # [evidence, observed, alarm level]
 
 
 def context(i: int, calibrating: bool = False) -> ScoringContext:
@@ -28,9 +28,9 @@ def context(i: int, calibrating: bool = False) -> ScoringContext:
 
 
 def model_input(seed: int, observed_first: bool = False) -> torch.Tensor:
-    rows = np.random.default_rng(seed).normal(size=WIDTH).astype(np.float32)
-    rows[ARTIFACT.hidden_size + N:] = 1.0
-    rows[ARTIFACT.hidden_size + N] = float(observed_first)
+    rows = np.abs(np.random.default_rng(seed).normal(size=WIDTH)).astype(np.float32) * 3
+    rows[N:2 * N] = 1.0
+    rows[N] = float(observed_first)
     return torch.from_numpy(rows)
 
 
