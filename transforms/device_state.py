@@ -1,7 +1,9 @@
-"""Per-device state: LSTM hidden state, imputation and normalisation, expiry.
+"""Per-device state: calibration, imputation, LSTM step, evidence, expiry.
 
 :class:`DeviceLogic` is the whole behaviour as a plain class, testable without
 a pipeline; :class:`DeviceStateDoFn` only adapts it to Beam state and timers.
+The detector maths is :class:`models.detector.DeviceDetector`; why all of it
+runs here and only the read-out in RunInference is explained there.
 
 Ordering and lateness policy (documented in the README):
 
@@ -35,8 +37,8 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec
 from apache_beam.utils.timestamp import Timestamp
 
 from models.artifact import ModelArtifact, cached_artifact
-from models.lstm import NumpyLstmCell
-from models.preprocessing import FeaturePreprocessor, readings_vector
+from models.detector import DetectorState, DeviceDetector
+from models.preprocessing import readings_vector
 from transforms.dead_letters import Rejected
 from transforms.decode import ValidEvent
 
@@ -53,12 +55,10 @@ _SOURCE_WATERMARKS: dict[str, dict[str, int]] = {}
 class DeviceState:
     """Everything kept for one device between its events."""
 
-    __slots__ = ("h", "c", "features", "last_event_time", "partition", "rearms")
+    __slots__ = ("detector", "last_event_time", "partition", "rearms")
 
-    def __init__(self, h: np.ndarray, c: np.ndarray, features: FeaturePreprocessor):
-        self.h = h
-        self.c = c
-        self.features = features
+    def __init__(self, detector: DetectorState):
+        self.detector = detector
         self.last_event_time = -1
         self.partition = ""
         self.rearms = 0
@@ -81,7 +81,7 @@ class ScoringContext(NamedTuple):
 
 class StepResult(NamedTuple):
     state: DeviceState
-    model_input: np.ndarray  # [h_{t-1}, x_t, m_t]
+    model_input: np.ndarray  # [evidence, observed, alarm level]: the ScoringHead's row
     imputed: tuple[str, ...]
     calibrating: bool
     reset: bool
@@ -91,17 +91,14 @@ class StepResult(NamedTuple):
 class DeviceLogic:
     """One device's life: on_event, expires_at, may_clear."""
 
-    def __init__(self, artifact: ModelArtifact, state_ttl_ms: int, calibration_events: int):
+    def __init__(self, artifact: ModelArtifact, state_ttl_ms: int, calibration_events: int, quantize: str = "none"):
         self.features = artifact.features
-        self._cell: NumpyLstmCell = artifact.lstm_cell()
-        self._ref_mean = artifact.reference_mean
-        self._ref_std = artifact.reference_std
+        scale = artifact.forecaster().residual_scale.numpy()
+        self._detector = DeviceDetector(artifact.step(quantize), scale, artifact.post_processing, calibration_events)
         self.state_ttl_ms = state_ttl_ms
-        self._calibration_events = calibration_events
 
     def new_state(self) -> DeviceState:
-        h, c = self._cell.initial_state()
-        return DeviceState(h, c, FeaturePreprocessor(self._ref_mean, self._ref_std, self._calibration_events))
+        return DeviceState(self._detector.new_state())
 
     def on_event(self, state: Optional[DeviceState], event_time: int, readings: dict, partition: str) -> StepResult:
         """Prepares the event's model input and advances the state by one step."""
@@ -112,12 +109,9 @@ class DeviceLogic:
         imputed = tuple(name for name, v in zip(self.features, values) if np.isnan(v))
         in_order = event_time >= state.last_event_time
         # An out-of-order event works on a throwaway copy: the real state stays untouched.
-        features = state.features if in_order else copy.deepcopy(state.features)
-        calibrating = features.calibrating
-        x, mask = features.transform(values)
-        model_input = np.concatenate([state.h, x, mask])
+        detector_state = state.detector if in_order else copy.deepcopy(state.detector)
+        model_input, calibrating = self._detector.update(detector_state, values)
         if in_order:
-            state.h, state.c = self._cell.step(np.concatenate([x, mask]), state.h, state.c)
             state.last_event_time = event_time
             state.partition = partition
             state.rearms = 0
@@ -141,11 +135,12 @@ class DeviceStateDoFn(beam.DoFn):
     DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, model_dir: str, state_ttl_s: float, calibration_events: int):
+    def __init__(self, model_dir: str, state_ttl_s: float, calibration_events: int, quantize: str = "none"):
         self._job_token = uuid.uuid4().hex
         self._model_dir = model_dir
         self._state_ttl_ms = int(state_ttl_s * 1000)
         self._calibration_events = calibration_events
+        self._quantize = quantize
         counter = beam.metrics.Metrics.counter
         self._events = counter(_METRICS, "events")
         self._out_of_order = counter(_METRICS, "out_of_order_events")
@@ -155,7 +150,8 @@ class DeviceStateDoFn(beam.DoFn):
         self._early_timers = counter(_METRICS, "early_timer_firings")
 
     def setup(self) -> None:
-        self._logic = DeviceLogic(cached_artifact(self._model_dir), self._state_ttl_ms, self._calibration_events)
+        self._logic = DeviceLogic(cached_artifact(self._model_dir), self._state_ttl_ms, self._calibration_events,
+                                  self._quantize)
         self._source_watermarks = _SOURCE_WATERMARKS.setdefault(self._job_token, {})
 
     def process(
