@@ -121,7 +121,7 @@ def replay_scores(artifact: ModelArtifact, sequences: Mapping[str, Sequence[dict
     for events in sequences.values():
         state = None
         for event in events:
-            step = logic.on_event(state, event["event_time"], event["readings"], "reference")
+            step = logic.on_event(state, _millis(event["event_time"]), event["readings"], "reference")
             state = step.state
             if not step.calibrating:
                 inputs.append(step.model_input)
@@ -155,8 +155,7 @@ def _simulated_sequences(devices: int, events_per_device: int, seed: int) -> dic
 def _recorded_sequences(paths: Iterable[Path]) -> dict[str, list[dict]]:
     from models.train import read_device_sequences
 
-    sequences = read_device_sequences(list(paths))
-    return {d: [{**e, "event_time": _millis(e["event_time"])} for e in events] for d, events in sequences.items()}
+    return read_device_sequences(list(paths))
 
 
 def _millis(value) -> int:

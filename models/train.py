@@ -39,6 +39,7 @@ from torch import nn
 
 from models.artifact import ModelArtifact, save_artifact
 from models.detector import PostProcessing
+from models.drift_reference import reference_from_events, save_reference
 from models.lstm import LstmForecaster
 from models.preprocessing import fit_baseline, forward_fill, readings_vector
 
@@ -190,7 +191,9 @@ def train(
                      "events": events, "epochs": epochs, "seed": seed, "calibration_events": calibration_events,
                      "final_loss": loss},
     }
-    return save_artifact(output_dir, model, spec, _model_card(spec, model))
+    artifact = save_artifact(output_dir, model, spec, _model_card(spec, model))
+    save_reference(output_dir, reference_from_events(artifact, sequences, calibration_events))  # drift (issue 4)
+    return artifact
 
 
 def _model_card(spec: dict, model: LstmForecaster) -> str:
