@@ -81,12 +81,6 @@ def test_runs_agree_within_float_noise(runs, variant):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=(
-    "models/lstm.py ScoringHead runs nn.Linear, whose float32 result for a row depends on the batch size "
-    "(batch 1 takes another kernel), and RunInference sizes batches adaptively by timing. A head without "
-    "a matmul over the batch (e.g. (h.unsqueeze(-2) * weight).sum(-1) + bias) makes every score "
-    "byte-identical; remove this marker when such a head lands. Not strict: a small run may happen to "
-    "batch identically."))
 @pytest.mark.parametrize("variant", [v for v in WORKER_VARIANTS if v != "one worker"])
 def test_scores_are_byte_identical_across_runs_and_workers(runs, variant):
     assert canonical_bytes(runs[variant]) == canonical_bytes(runs["one worker"])
