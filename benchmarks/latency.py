@@ -1,0 +1,155 @@
+"""End-to-end latency of the streaming job at a steady input rate.
+
+    python -m benchmarks.latency [--rate R] [--seconds S] [--devices D] [--job_args "..."]
+
+Starts the embedded broker and the streaming job (DirectRunner), waits until
+the job scores a warm-up event, then writes simulated events at R events/s
+for S seconds and follows the score topic. Latency of an event is the time
+from its write to the input topic until its score can be read from the score
+topic; printed as p50/p95/p99, with the share of events scored. After the
+feed stops it keeps reading for a while, so an event that waits for a batch to
+fill when input pauses shows up as a long tail, not as a lost score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.simulator import LineSimulator, SimulatorConfig
+from schemas.serde import EVENT, SCORE, AvroDecoder, AvroEncoder
+from transforms.kafka_client import KafkaConfig, ensure_topics, make_consumer, make_producer, partitions_of
+
+INPUT, SCORES = "latency-events", "latency-scores"
+ROOT = Path(__file__).resolve().parents[1]
+DRAIN_S = 15.0
+
+
+def start_job(bootstrap: str, job_args: str, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", bootstrap,
+               "--input_topic", INPUT, "--score_topic", SCORES, "--dead_letter_topic", "latency-dead",
+               "--drift_topic", "latency-drift", "--retrain_topic", "latency-retrain",
+               "--consumer_group", "latency", "--start_from", "latest", *shlex.split(job_args)]
+    return subprocess.Popen(command, cwd=ROOT, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+class ScoreWatcher:
+    """Follows the score topic from its current end; records when each event_id's score became readable."""
+
+    def __init__(self, config: KafkaConfig):
+        self._consumer = make_consumer(config)
+        parts = partitions_of(self._consumer, SCORES)
+        self._consumer.assign(parts)
+        self._consumer.seek_to_end(*parts)
+        self._decode = AvroDecoder(SCORE)
+        self.seen_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            for records in self._consumer.poll(timeout_ms=50).values():
+                now = time.time()
+                for r in records:
+                    self.seen_at.setdefault(self._decode(r.value)["event_id"], now)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._consumer.close()
+
+
+def feed(config: KafkaConfig, rate: float, seconds: float, devices: int) -> dict[str, float]:
+    """Writes events at a steady rate; returns each event_id's write time (after the producer handed it off)."""
+    producer = make_producer(config)
+    encode = AvroEncoder(EVENT)
+    events = LineSimulator(SimulatorConfig(devices=devices, seed=21, start_ms=int(time.time() * 1000))).events()
+    written: dict[str, float] = {}
+    started = time.time()
+    for i in range(int(rate * seconds)):
+        delay = started + i / rate - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        event, _ = next(events)
+        producer.send(INPUT, key=event["device_id"].encode(), value=encode(event), timestamp_ms=event["event_time"])
+        written[event["event_id"]] = time.time()
+        if i % 50 == 0:
+            producer.flush()  # keep the client's own batching out of the figure
+    producer.flush()
+    producer.close()
+    return written
+
+
+def wait_until_scoring(config: KafkaConfig, watcher: ScoreWatcher, timeout_s: float = 120.0) -> None:
+    """Sends warm-up events until one is scored, so job start-up is not measured."""
+    producer = make_producer(config)
+    encode = AvroEncoder(EVENT)
+    warm = LineSimulator(SimulatorConfig(devices=1, seed=99, start_ms=int(time.time() * 1000))).events()
+    deadline = time.time() + timeout_s
+    while not watcher.seen_at:
+        if time.time() > deadline:
+            raise SystemExit("the job scored nothing within the start-up timeout")
+        event, _ = next(warm)
+        producer.send(INPUT, key=b"warm-up", value=encode(event), timestamp_ms=event["event_time"])
+        producer.flush()
+        time.sleep(1.0)
+    producer.close()
+
+
+def measure(args: argparse.Namespace) -> dict:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        config = KafkaConfig(broker.bootstrap_servers)
+        ensure_topics(config, [INPUT, SCORES, "latency-dead", "latency-drift", "latency-retrain"], partitions=4)
+        watcher = ScoreWatcher(config)
+        job = start_job(broker.bootstrap_servers, args.job_args, Path(tmp) / "job.log")
+        try:
+            wait_until_scoring(config, watcher)
+            print(f"job is scoring; feeding {args.rate:g} events/s for {args.seconds:g} s", flush=True)
+            written = feed(config, args.rate, args.seconds, args.devices)
+            deadline = time.time() + DRAIN_S
+            while time.time() < deadline and not written.keys() <= watcher.seen_at.keys():
+                time.sleep(0.2)
+        finally:
+            job.send_signal(signal.SIGINT)
+            job.wait(timeout=60)
+            watcher.stop()
+    latencies_ms = [(watcher.seen_at[e] - t) * 1000 for e, t in written.items() if e in watcher.seen_at]
+    p50, p95, p99 = np.percentile(latencies_ms, [50, 95, 99]) if latencies_ms else (float("nan"),) * 3
+    return {"rate": args.rate, "seconds": args.seconds, "events": len(written), "scored": len(latencies_ms),
+            "p50_ms": round(p50), "p95_ms": round(p95), "p99_ms": round(p99),
+            "max_ms": round(max(latencies_ms, default=float("nan")))}
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rate", type=float, default=2000.0, help="events per second written (default 2000)")
+    parser.add_argument("--seconds", type=float, default=30.0, help="how long to feed (default 30)")
+    parser.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
+    parser.add_argument("--job_args", default="", help="extra job flags, e.g. '--direct_num_workers 2'")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    figures = measure(_parse_args(argv))
+    print(f"scored {figures['scored']}/{figures['events']}; latency p50 {figures['p50_ms']} ms, "
+          f"p95 {figures['p95_ms']} ms, p99 {figures['p99_ms']} ms, max {figures['max_ms']} ms")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
