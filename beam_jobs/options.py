@@ -15,7 +15,13 @@ from apache_beam.options.pipeline_options import (
 
 from models.artifact import BUNDLED_MODEL_DIR
 from schemas.serde import WIRE_FORMATS
-from transforms.kafka_client import START_FROM_CHOICES
+from transforms.kafka_client import (
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    START_FROM_CHOICES,
+    KafkaConfig,
+    KafkaSecurity,
+)
 
 # (group, flag, argparse keywords): one table for parsing and for --help.
 _OPTIONS: list[tuple[str, str, dict]] = [
@@ -74,6 +80,31 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         type=int, default=0, help="serve the live figures as Prometheus text on this port, /metrics (default 0: off)")),
     ("Monitoring", "--status_interval_s", dict(
         type=float, default=5.0, help="seconds between status lines in the log (default 5; 0: off)")),
+    ("Security", "--security_protocol", dict(
+        choices=SECURITY_PROTOCOLS, default="PLAINTEXT", help="how every Kafka client connects (default PLAINTEXT)")),
+    ("Security", "--ssl_cafile", dict(
+        default=None, help="PEM file of the CA(s) that signed the brokers' certificates (default: system CAs)")),
+    ("Security", "--ssl_certfile", dict(default=None, help="PEM client certificate, for brokers that require mTLS")),
+    ("Security", "--ssl_keyfile", dict(default=None, help="PEM private key of --ssl_certfile")),
+    ("Security", "--sasl_mechanism", dict(
+        choices=SASL_MECHANISMS, default=None, help="SASL mechanism, with SASL_PLAINTEXT or SASL_SSL")),
+    ("Security", "--sasl_username", dict(default=None, help="SASL user name")),
+    ("Security", "--sasl_password_env", dict(
+        default=None,
+        help="NAME of the environment variable that holds the SASL password, read on each worker when it "
+             "connects; the password itself never appears in options, command lines or logs")),
+    ("Security", "--pseudonymize_key_env", dict(
+        default=None,
+        help="NAME of the environment variable holding an HMAC key: device ids are replaced by "
+             "HMAC-SHA256(key, device_id) (32 hex characters), and event ids likewise, right after decoding, in every "
+             "output (default: off)")),
+    ("Security", "--audit_topic", dict(
+        default=None,
+        help="topic for one AuditRecord per anomaly: the event's readings, imputed features, score and model "
+             "version (default: no audit records)")),
+    ("Kafka", "--startup_timeout_s", dict(
+        type=float, default=60.0,
+        help="how long the job waits at launch for an unreachable broker, retrying with backoff (default 60)")),
     ("Files", "--input_files", dict(
         default=None,
         help="file mode: score recordings matching this glob ('DIR/*.avro') instead of Kafka, bounded; "
@@ -119,6 +150,16 @@ class SensorScoringOptions(PipelineOptions):
     @property
     def bootstrap_servers(self) -> str:
         return self.get_all_options()["bootstrap_servers"]
+
+
+def kafka_config(opts: SensorScoringOptions) -> KafkaConfig:
+    """The connection settings every Kafka client of the job is built from (no secret inside)."""
+    security = KafkaSecurity(
+        protocol=opts.security_protocol, ssl_cafile=opts.ssl_cafile, ssl_certfile=opts.ssl_certfile,
+        ssl_keyfile=opts.ssl_keyfile, sasl_mechanism=opts.sasl_mechanism, sasl_username=opts.sasl_username,
+        sasl_password_env=opts.sasl_password_env,
+    )
+    return KafkaConfig(opts.bootstrap_servers, security=security)
 
 
 def help_parser(prog: str, description: str) -> argparse.ArgumentParser:

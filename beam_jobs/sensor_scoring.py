@@ -25,15 +25,17 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_jobs.drift_output import write_drift
 from beam_jobs.monitor import Monitor
-from beam_jobs.options import SensorScoringOptions, help_parser
+from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError, load_artifact
 from schemas.serde import DEAD_LETTER, SCORE
 from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
-from transforms.kafka_client import BrokerUnavailable, KafkaConfig, ensure_topics, resolve_partitions
+from transforms.audit import AUDIT
+from transforms.kafka_client import BrokerUnavailable, KafkaSecurityError, ensure_topics, resolve_partitions
 from transforms.kafka_sink import DEAD_LETTERS, SCORES, STREAMS, WriteToKafka
-from transforms.kafka_source import ReadFromKafkaPartitions
+from transforms.kafka_source import ReadFromKafkaPartitions, request_drain
 from transforms.offset_commits import CommitOffsets
+from transforms.pseudonymize import PseudonymizeKeyMissing, pseudonymizer_from_env
 from transforms.score_records import ScoreSensorRecords
 
 _LOG = logging.getLogger("sensor_scoring")
@@ -41,22 +43,26 @@ _LOG = logging.getLogger("sensor_scoring")
 
 def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitions) -> None:
     """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
-    config = KafkaConfig(opts.bootstrap_servers)
+    config = kafka_config(opts)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
-    messages = records | "ScoreRecords" >> scoring_transform(opts)
+    messages = records | "ScoreRecords" >> scoring_transform(opts, audit=bool(opts.audit_topic))
+    topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
+    if opts.audit_topic:
+        topics[AUDIT] = opts.audit_topic
     _ = (
         messages
-        | "Write" >> WriteToKafka(config, {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic})
+        | "Write" >> WriteToKafka(config, topics)
         | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     )
     write_drift(records, messages, opts, config)
 
 
-def scoring_transform(opts: SensorScoringOptions) -> ScoreSensorRecords:
-    """The scoring path both modes run, configured from the options."""
+def scoring_transform(opts: SensorScoringOptions, audit: bool = False) -> ScoreSensorRecords:
+    """The scoring path both modes run, configured from the options; audit records only to Kafka."""
     return ScoreSensorRecords(
         model_dir=opts.model_dir, state_ttl_s=opts.state_ttl_s, calibration_events=opts.calibration_events,
         max_batch_size=opts.max_batch_size, wire_format=opts.wire_format, inference_device=opts.inference_device,
+        pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit,
     )
 
 
@@ -93,10 +99,11 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
 def prepare(opts: SensorScoringOptions):
     """Checks the model and the broker before anything runs; returns the partitions to read."""
     load_artifact(opts.model_dir)
-    config = KafkaConfig(opts.bootstrap_servers)
-    ensure_topics(config, [opts.input_topic, opts.score_topic, opts.drift_topic, opts.retrain_topic,
-                           opts.dead_letter_topic],
-                  partitions=opts.topic_partitions)
+    pseudonymizer_from_env(opts.pseudonymize_key_env)  # a missing key stops the launch, not the workers
+    config = kafka_config(opts)
+    topics = [opts.input_topic, opts.score_topic, opts.drift_topic, opts.retrain_topic, opts.dead_letter_topic]
+    ensure_topics(config, topics + ([opts.audit_topic] if opts.audit_topic else []),
+                  partitions=opts.topic_partitions, timeout_s=opts.startup_timeout_s)
     return resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
 
 
@@ -122,12 +129,23 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     return result
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM (docker stop, kill) stops the job like Ctrl-C does."""
+def _drain_on_signals() -> None:
+    """SIGINT (Ctrl-C) or SIGTERM (docker stop, kill) drains the job; a second one stops it at once.
+
+    Draining stops reading, lets the records in flight be scored, written and
+    their offsets committed, then the pipeline ends. A stop at once (or a
+    crash) loses nothing either: offsets not committed are read again by the
+    next run with --start_from committed.
+    """
 
     def handler(signum, frame):
-        raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        _LOG.info("%s: draining (finishing in-flight records, committing); signal again to stop at once",
+                  signal.Signals(signum).name)
+        request_drain()
 
+    signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 
 
@@ -140,10 +158,10 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:
         help_parser("python -m beam_jobs.sensor_scoring", __doc__).print_help()
         return
-    _interrupt_on_sigterm()
+    _drain_on_signals()
     try:
         run(argv)
-    except (BrokerUnavailable, ModelArtifactError, RecordingError) as e:
+    except (BrokerUnavailable, ModelArtifactError, RecordingError, KafkaSecurityError, PseudonymizeKeyMissing) as e:
         _LOG.error("%s", e)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ SCORE = "sensors.SensorScore"
 DEAD_LETTER = "sensors.DeadLetter"
 DRIFT = "sensors.DriftStatistics"
 RETRAIN = "sensors.RetrainTrigger"
+AUDIT = "sensors.AuditRecord"
 WIRE_FORMATS = ("plain", "confluent")
 
 _CONFLUENT_MAGIC = 0

@@ -1,4 +1,4 @@
-"""Reading and writing whole topics in tests, with nothing but kafka-python."""
+"""Reading and writing whole topics in tests, with nothing but kafka-python (and the config's security settings)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transforms.kafka_client import KafkaConfig, end_offsets, partitions_of
 
 def produce_all(config: KafkaConfig, topic: str, messages: list[tuple[bytes | None, bytes, int | None]]) -> None:
     """Sends (key, value, timestamp_ms) messages and waits for every acknowledgement."""
-    producer = KafkaProducer(bootstrap_servers=config.bootstrap_servers, acks="all", linger_ms=5)
+    producer = KafkaProducer(**config.client_kwargs(), acks="all", linger_ms=5)
     futures = [producer.send(topic, key=k, value=v, timestamp_ms=ts) for k, v, ts in messages]
     producer.flush()
     for f in futures:
@@ -21,7 +21,7 @@ def produce_all(config: KafkaConfig, topic: str, messages: list[tuple[bytes | No
 
 def read_all(config: KafkaConfig, topic: str, decode: Callable[[bytes], dict] = lambda b: b) -> list[tuple]:
     """Every record of `topic` as (partition, offset, key, decoded value), in partition order."""
-    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers, enable_auto_commit=False)
+    consumer = KafkaConsumer(**config.client_kwargs(), enable_auto_commit=False)
     try:
         tps = partitions_of(consumer, topic)
         ends = end_offsets(consumer, tps)
@@ -37,7 +37,7 @@ def read_all(config: KafkaConfig, topic: str, decode: Callable[[bytes], dict] = 
 
 
 def committed_offsets(config: KafkaConfig, topic: str, group: str) -> dict[int, int | None]:
-    consumer = KafkaConsumer(bootstrap_servers=config.bootstrap_servers, group_id=group, enable_auto_commit=False)
+    consumer = KafkaConsumer(**config.client_kwargs(), group_id=group, enable_auto_commit=False)
     try:
         return {tp.partition: consumer.committed(tp) for tp in partitions_of(consumer, topic)}
     finally:

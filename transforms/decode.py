@@ -9,7 +9,9 @@ transforms/dead_letters.py for why.
 Data minimisation: a ValidEvent keeps only what scoring needs (ids, event
 time, readings); other fields of newer producers' schemas are dropped by the
 Avro reader. With a pseudonymizer, the device id is replaced right here, so
-state keys, scores, drift and audit records only ever see the pseudonym. The
+state keys, scores, drift and audit records only ever see the pseudonym; so is
+the event id, which producers often build from the device id (the simulator
+does), and which stays unique and stable, so duplicates remain recognisable. The
 original key and bytes stay with the event only to be written to the
 dead-letter topic should it fail; dead letters keep the original bytes by
 contract, so that topic needs the same protection as the input topic.
@@ -118,8 +120,10 @@ class _DecodeFn(beam.DoFn):
             yield self._reject(record, source, error, STAGE_VALIDATE)
             return
         self._valid.inc()
-        device_id = self._pseudonymize(event["device_id"]) if self._pseudonymize else event["device_id"]
-        valid = ValidEvent(event["event_id"], device_id, event["event_time"], event["readings"],
+        event_id, device_id = event["event_id"], event["device_id"]
+        if self._pseudonymize:
+            event_id, device_id = self._pseudonymize(event_id), self._pseudonymize(device_id)
+        valid = ValidEvent(event_id, device_id, event["event_time"], event["readings"],
                            source, record.watermark_ms, record.key, record.value)
         yield beam.window.TimestampedValue((valid.device_id, valid), Timestamp.of(valid.event_time / 1000))
 

@@ -5,11 +5,16 @@ range still to read. A ``process()`` call reads at most ``max_records_per_call``
 records or ``max_seconds_per_call`` seconds and then checkpoints with
 ``defer_remainder``, so a runner such as Flink can snapshot between calls.
 Consumers use manual assignment only, as Beam's KafkaIO does.
+
+:func:`request_drain` ends every read of this process at its next poll, as
+if the partition had ended there: the pipeline then finishes what is in
+flight, writes it, commits its offsets and ends (the job's SIGINT/SIGTERM).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Iterator, NamedTuple, Optional
 
@@ -27,6 +32,12 @@ from transforms.offset_commits import partition_key
 _LOG = logging.getLogger(__name__)
 _UNBOUNDED_STOP = 2**63 - 1
 _METRICS = "kafka_source"
+_DRAINING = threading.Event()
+
+
+def request_drain() -> None:
+    """Stops reading in this process; records not read stay uncommitted, for the next run."""
+    _DRAINING.set()
 
 
 class KafkaRecord(NamedTuple):
@@ -125,12 +136,15 @@ class _ReadPartitionFn(beam.DoFn):
     ) -> Iterator[beam.window.TimestampedValue]:
         tp = TopicPartition(element.topic, element.partition)
         restriction = tracker.current_restriction()
+        if _DRAINING.is_set():
+            tracker.try_claim(restriction.stop)  # read no further: the rest is for the next run
+            return
         consumer = self._consumer_at(tp, restriction.start)
         next_span = restriction.start
         wm_ms = _millis(watermark.current_watermark())
         deadline = time.monotonic() + self._max_seconds
         emitted = 0
-        while emitted < self._max_records and time.monotonic() < deadline:
+        while emitted < self._max_records and time.monotonic() < deadline and not _DRAINING.is_set():
             poll_started = time.monotonic()
             batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._max_records - emitted).get(tp)
             if not batch:

@@ -1,7 +1,8 @@
 """Keyed pseudonyms for device ids, so no output of the job carries a raw id.
 
 With ``--pseudonymize_key_env NAME`` the decode stage replaces each valid
-event's device_id by ``HMAC-SHA256(key, device_id)`` as hex, truncated to
+event's device_id (and event_id, often built from it) by
+``HMAC-SHA256(key, id)`` as hex, truncated to
 :data:`PSEUDONYM_HEX_CHARS` characters (128 bits: collisions are negligible
 for any fleet, and the id stays short as a Kafka key and a state key). The
 same key gives the same pseudonym on every run and worker, so per-device

@@ -10,7 +10,9 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInf
 
 from models.artifact import cached_artifact
 from models.handler import scoring_model_handler
+from schemas.serde import AUDIT as AUDIT_RECORD
 from schemas.serde import DEAD_LETTER, SCORE, AvroEncoder
+from transforms.audit import AUDIT, audit_record
 from transforms.dead_letters import Rejected, dead_letter, dead_letter_message
 from transforms.device_state import ScoringContext
 from transforms.kafka_sink import SCORES, OutgoingMessage
@@ -92,9 +94,10 @@ class PassThroughModelHandler(ModelHandler):
 class _ToMessagesFn(beam.DoFn):
     """RunInference's results to score messages, and dead letters for rejected or failed events."""
 
-    def __init__(self, model_dir: str, wire_format: str):
+    def __init__(self, model_dir: str, wire_format: str, audit: bool = False):
         self._model_dir = model_dir
         self._wire_format = wire_format
+        self._audit = audit
         self._anomalies = beam.metrics.Metrics.counter(_METRICS, "anomalies")
         self._scores = beam.metrics.Metrics.counter(_METRICS, "scores")
         self._failed = beam.metrics.Metrics.counter(_METRICS, "failed_inferences")
@@ -106,6 +109,7 @@ class _ToMessagesFn(beam.DoFn):
         self._version = artifact.version
         self._encode_score = AvroEncoder(SCORE, self._wire_format)
         self._encode_dead_letter = AvroEncoder(DEAD_LETTER, self._wire_format)
+        self._encode_audit = AvroEncoder(AUDIT_RECORD, self._wire_format) if self._audit else None
 
     def process(self, element: tuple[Any, Any]) -> Iterator[OutgoingMessage]:
         key, result = element
@@ -118,9 +122,10 @@ class _ToMessagesFn(beam.DoFn):
                                    STAGE_INFERENCE)
             yield dead_letter_message(rejected, self._encode_dead_letter)
         else:
-            yield self._score_message(key, result)
+            yield from self._score_messages(key, result)
 
-    def _score_message(self, context: ScoringContext, prediction: PredictionResult) -> OutgoingMessage:
+    def _score_messages(self, context: ScoringContext, prediction: PredictionResult) -> Iterator[OutgoingMessage]:
+        """The score, and with auditing on, the audit record of an anomaly (see transforms/audit.py)."""
         record = score_record(context, prediction.inference.tolist(), self._features, self._threshold,
                               self._version, int(time.time() * 1000))
         self._scores.inc()
@@ -128,19 +133,24 @@ class _ToMessagesFn(beam.DoFn):
             self._anomalies.inc()
         LIVE.scored(record["is_anomaly"])
         event = context.event
-        return OutgoingMessage(SCORES, event.device_id.encode(), self._encode_score(record), event.event_time,
-                               event.source)
+        yield OutgoingMessage(SCORES, event.device_id.encode(), self._encode_score(record), event.event_time,
+                              event.source)
+        if record["is_anomaly"] and self._encode_audit:
+            audit = self._encode_audit(audit_record(record, event.readings))
+            yield OutgoingMessage(AUDIT, event.device_id.encode(), audit, event.event_time, None)
 
 
 class ScoreEvents(beam.PTransform):
     """(ScoringContext, model input) and (Rejected, None) in; score and dead-letter messages out."""
 
-    def __init__(self, model_dir: str, *, max_batch_size: int, wire_format: str = "plain", device: str = "CPU"):
+    def __init__(self, model_dir: str, *, max_batch_size: int, wire_format: str = "plain", device: str = "CPU",
+                 audit: bool = False):
         super().__init__()
         self._model_dir = model_dir
         self._max_batch_size = max_batch_size
         self._wire_format = wire_format
         self._device = device
+        self._audit = audit
 
     def expand(self, inputs: beam.PCollection) -> beam.PCollection[OutgoingMessage]:
         handler = scoring_model_handler(
@@ -149,5 +159,5 @@ class ScoreEvents(beam.PTransform):
         return (
             inputs
             | "RunInference" >> RunInference(PassThroughModelHandler(handler))
-            | "ToMessages" >> beam.ParDo(_ToMessagesFn(self._model_dir, self._wire_format))
+            | "ToMessages" >> beam.ParDo(_ToMessagesFn(self._model_dir, self._wire_format, self._audit))
         )
