@@ -24,7 +24,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -185,7 +184,9 @@ def _percentiles(values_ms: list[float]) -> str:
 
 
 def measure(args: argparse.Namespace) -> dict:
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+    logs = ROOT / "out" / "benchmarks"
+    logs.mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker() as broker:
         config = KafkaConfig(broker.bootstrap_servers)
         preload(config, args.events, args.devices)
         written_at = time.time() * 1000  # every event is on the topic by now
@@ -195,12 +196,12 @@ def measure(args: argparse.Namespace) -> dict:
                "bench-retrain", "--consumer_group", "bench", "--start_from", "earliest",
                "--calibration_events", str(args.calibration_events), *shlex.split(args.job_args)]
         print(f"job: {' '.join(job[2:])}", flush=True)
-        job_start, job_end, job_rss = timed_process(job, Path(tmp) / "job.log")
+        job_start, job_end, job_rss = timed_process(job, logs / "throughput-job.log")
         job_scores = read_processed_at(config, JOB_SCORES)
         loop = [sys.executable, "-m", "benchmarks.throughput", "--_reference_loop", broker.bootstrap_servers,
                 "--calibration_events", str(args.calibration_events)]
         print("reference loop ...", flush=True)
-        loop_start, loop_end, loop_rss = timed_process(loop, Path(tmp) / "loop.log")
+        loop_start, loop_end, loop_rss = timed_process(loop, logs / "throughput-loop.log")
         loop_scores = read_processed_at(config, LOOP_SCORES)
     job_last = max(t for _, t in job_scores) / 1000.0
     figures = {
