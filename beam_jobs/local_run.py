@@ -45,7 +45,7 @@ class TopicCounter:
         for tp, offset in starts.items():
             self._consumer.seek(tp, offset)
         self.scored_ids: set[str] = set()
-        self.anomalies = 0
+        self.anomaly_ids: set[str] = set()
         self.dead_letters = 0
 
     def poll(self, timeout_ms: int = 500) -> None:
@@ -55,9 +55,9 @@ class TopicCounter:
                 continue
             for record in records:
                 score = self._decode_score(record.value)
-                if score["event_id"] not in self.scored_ids:
-                    self.scored_ids.add(score["event_id"])
-                    self.anomalies += score["is_anomaly"]
+                self.scored_ids.add(score["event_id"])
+                if score["is_anomaly"]:
+                    self.anomaly_ids.add(score["event_id"])
 
     def close(self) -> None:
         self._consumer.close()
@@ -96,9 +96,18 @@ def stop_job(job: subprocess.Popen) -> None:
             job.wait()
 
 
+def simulator_of(args: argparse.Namespace) -> LineSimulator:
+    return LineSimulator(SimulatorConfig(devices=args.devices, rate_hz=args.rate, seed=args.seed))
+
+
+def faulty_event_ids(args: argparse.Namespace, count: int) -> set[str]:
+    """The simulator's ground truth for the first `count` events sent, so the summary can judge the anomalies."""
+    return {event["event_id"] for event, is_fault in simulator_of(args).take(count) if is_fault}
+
+
 def feed(config: KafkaConfig, args: argparse.Namespace, sent: list[int]) -> None:
     """Produces simulated events; `sent[0]` is the running count."""
-    simulator = LineSimulator(SimulatorConfig(devices=args.devices, rate_hz=args.rate, seed=args.seed))
+    simulator = simulator_of(args)
     producer = make_producer(config)
     real_time_rate = args.devices * args.rate * args.speed
     try:
@@ -112,10 +121,11 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="./run_local.sh", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--events", type=int, default=None, help="stop after N events are scored (default: run on)")
-    parser.add_argument("--devices", type=int, default=20, help="simulated machines (default 20)")
+    # 10 machines: --events 3000 then gives each 300 events, 180 of them scored after the default calibration.
+    parser.add_argument("--devices", type=int, default=10, help="simulated machines (default 10)")
     parser.add_argument("--rate", type=float, default=1.0, help="readings per machine per event-time second")
     parser.add_argument("--speed", type=float, default=50.0,
-                        help="event-time seconds per wall-clock second (default 50: a 20-machine line sends 1000/s)")
+                        help="event-time seconds per wall-clock second (default 50: a 10-machine line sends 500/s)")
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     parser.add_argument("--timeout_s", type=float, default=600.0, help="give up after this long (default 600)")
     parser.add_argument("--log", type=Path, default=Path("out/job.log"), help="job log file (default out/job.log)")
@@ -160,11 +170,13 @@ def main(argv: list[str] | None = None) -> int:
             if time.monotonic() - last_status >= STATUS_EVERY_S:
                 last_status = time.monotonic()
                 print(f"[{elapsed:6.1f}s] events in {sent[0]:>7} | scores out {len(counter.scored_ids):>7} | "
-                      f"anomalies {counter.anomalies:>5} | dead letters {counter.dead_letters:>4} | "
+                      f"anomalies {len(counter.anomaly_ids):>5} | dead letters {counter.dead_letters:>4} | "
                       f"lag {lag_probe.lag():>6}", flush=True)
         feeder.join(timeout=30)
+        faulty = faulty_event_ids(args, sent[0])
         summary = {"events_in": sent[0], "scores_out": len(counter.scored_ids), "dead_letters": counter.dead_letters,
-                   "anomalies": counter.anomalies, "elapsed_s": round(time.monotonic() - started, 2),
+                   "anomalies": len(counter.anomaly_ids), "anomalies_on_faults": len(counter.anomaly_ids & faulty),
+                   "faulty_events": len(faulty), "elapsed_s": round(time.monotonic() - started, 2),
                    "bootstrap_servers": bootstrap}
     print(json.dumps(summary), flush=True)
     return 0

@@ -57,8 +57,8 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         type=float, default=600.0,
         help="event-time gap after which a device's state is reset and its memory reclaimed (default 600)")),
     ("Model", "--calibration_events", dict(
-        type=int, default=60,
-        help="per-device warm-up events that fit the device's baseline; no alarms during them (default 60)")),
+        type=int, default=120,
+        help="per-device warm-up events that fit the device's baseline; no alarms during them (default 120)")),
     ("Model", "--max_batch_size", dict(
         type=int, default=256, help="largest RunInference batch across devices (default 256)")),
     ("Model", "--inference_device", dict(

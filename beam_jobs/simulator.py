@@ -32,7 +32,13 @@ _DRIFT = FEATURES.index(DRIFT_FEATURE)
 _MACHINE_TYPES = ("press", "pump", "mixer", "conveyor", "compressor")
 _DEVICES_PER_LINE = 10
 _FAULT_SECONDS = (60.0, 300.0)
-_WOBBLE_TAU_S, _WOBBLE_SD = 200.0, 0.08  # operator-driven load changes around the cycle
+# Slow dynamics are short on purpose: a device calibrates on its first events (the job's default
+# --calibration_events, 120 at 1 Hz), and a cycle or drift longer than that makes every later phase look like
+# a lasting departure from normal. So the load cycle is a machine's work cycle, 30-90 s, temperature follows
+# the current within seconds, and the load wobble reverts within a cycle.
+_PERIOD_S = (30.0, 90.0)  # load cycle
+_THERMAL_TAU_S = (5.0, 15.0)  # thermal time constant: temperature lags the current
+_WOBBLE_TAU_S, _WOBBLE_SD = 15.0, 0.08  # operator-driven load changes around the cycle
 # Ranges of fault size: vibration gain, degrees C, fraction of pressure lost, unused, reading factor.
 _MAGNITUDES = dict(zip(FAULT_KINDS, ((1.5, 3.0), (12.0, 25.0), (0.3, 0.5), (0.0, 0.0), (2.0, 3.0)), strict=True))
 
@@ -76,13 +82,13 @@ class _Baselines:
     def __init__(self, rng: np.random.Generator, n: int):
         self.ambient = rng.uniform(18.0, 28.0, n)  # deg C
         self.temp_rise = rng.uniform(20.0, 45.0, n)  # deg C above ambient at full current
-        self.tau_s = rng.uniform(120.0, 400.0, n)  # thermal time constant
+        self.tau_s = rng.uniform(*_THERMAL_TAU_S, n)
         self.current = rng.uniform(15.0, 60.0, n)  # A at full load
         self.vibration = rng.uniform(1.0, 4.5, n)  # mm/s RMS at nominal load
         self.flow = rng.uniform(60.0, 220.0, n)  # L/min at full load
         self.pressure = rng.uniform(3.0, 9.0, n)  # bar at full flow
         self.voltage = rng.normal(400.0, 3.0, n)  # V, three-phase supply
-        self.period_s = rng.uniform(600.0, 2400.0, n)  # load cycle
+        self.period_s = rng.uniform(*_PERIOD_S, n)
         self.phase = rng.uniform(0.0, 2 * np.pi, n)
 
 

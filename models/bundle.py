@@ -4,6 +4,8 @@
 
 It is trained on the built-in manufacturing-line simulator running without
 faults, so it knows that line's readings; train your own with models.train.
+Its training windows are as long as the job's default --calibration_events,
+so the model learns the dynamics a device shows right after that calibration.
 """
 
 from __future__ import annotations
@@ -22,7 +24,15 @@ from schemas.serde import EVENT, current_schema
 
 DEVICES = 20
 EVENTS_PER_DEVICE = 1500
-CALIBRATION_EVENTS = 60  # the job's default --calibration_events
+
+
+def job_default_calibration_events() -> int:
+    """The job's default --calibration_events: the bundled model is what a job with default options runs."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+
+    from beam_jobs.options import SensorScoringOptions
+
+    return PipelineOptions([]).view_as(SensorScoringOptions).calibration_events
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -37,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
         recording = Path(tmp) / "simulated-line-normal.avro"
         with open(recording, "wb") as f:
             fastavro.writer(f, fastavro.parse_schema(current_schema(EVENT)), events)
-        artifact = train([recording], args.output_dir, seed=0, calibration_events=CALIBRATION_EVENTS)
+        artifact = train([recording], args.output_dir, seed=0, calibration_events=job_default_calibration_events())
     print(f"wrote {artifact.version} to {artifact.path}")
 
 

@@ -1,7 +1,8 @@
 """Tests of the line simulator: reproducible, schema-valid, and honestly labelled.
 
 The scoring job is judged against these labels, so the tests check that faults
-really distort the readings and that unlabelled behaviour (drift, noise) does not.
+really distort the readings and that unlabelled behaviour (drift, noise) does not,
+and that the bundled model, run as the job runs it, agrees with them.
 """
 
 from __future__ import annotations
@@ -10,6 +11,9 @@ import numpy as np
 import pytest
 
 from beam_jobs.simulator import DEFAULT_START_MS, DRIFT_FEATURE, FEATURES, LineSimulator, SimulatorConfig
+from benchmarks.simulator_alarms import count_alarms
+from models.artifact import BUNDLED_MODEL_DIR, load_artifact
+from models.bundle import job_default_calibration_events
 from schemas.serde import EVENT, AvroDecoder, AvroEncoder
 
 HOURS = 2
@@ -170,3 +174,19 @@ def test_fleet_drift_shifts_one_feature_and_is_never_labelled():
     expected = np.zeros_like(shift)
     expected[:, FEATURES.index(DRIFT_FEATURE)] = 6.0 * hours
     np.testing.assert_allclose(shift, expected, atol=2e-3)
+
+
+def test_bundled_model_stays_quiet_on_a_fault_free_line_after_default_calibration():
+    """The demo's anomaly count means something only if a healthy line rarely alarms once calibrated."""
+    config = SimulatorConfig(devices=6, seed=0, fault_rate_per_hour=0.0)
+    counts = count_alarms(load_artifact(BUNDLED_MODEL_DIR), config, 360, job_default_calibration_events())
+    assert counts.scored == 6 * (360 - job_default_calibration_events())
+    assert counts.fault_free_alarm_rate <= 0.02
+
+
+def test_alarms_on_the_demo_stream_mostly_coincide_with_injected_faults():
+    """./run_local.sh --events 3000 (10 machines, seed 0): alarms fall on faults or in their EWMA tail."""
+    config = SimulatorConfig(devices=10, seed=0)
+    counts = count_alarms(load_artifact(BUNDLED_MODEL_DIR), config, 300, job_default_calibration_events())
+    assert counts.faulty > 0 and counts.alarms > 0
+    assert counts.precision > 0.5 and counts.precision_with_tails > 0.8
