@@ -13,7 +13,7 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from models.artifact import BUNDLED_MODEL_DIR
+from models.artifact import BUNDLED_MODEL_DIR, QUANTIZE_CHOICES
 from schemas.serde import WIRE_FORMATS
 from transforms.kafka_client import (
     SASL_MECHANISMS,
@@ -59,6 +59,10 @@ _OPTIONS: list[tuple[str, str, dict]] = [
     ("Model", "--calibration_events", dict(
         type=int, default=120,
         help="per-device warm-up events that fit the device's baseline; no alarms during them (default 120)")),
+    ("Model", "--quantize", dict(
+        choices=QUANTIZE_CHOICES, default="none",
+        help="int8: dynamic int8 quantisation of the LSTM cell and forecast layer, for small machines; "
+             "its accuracy cost is measured by python -m benchmarks.skab (default none)")),
     ("Model", "--max_batch_size", dict(
         type=int, default=256, help="largest RunInference batch across devices (default 256)")),
     ("Model", "--inference_device", dict(

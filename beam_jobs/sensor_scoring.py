@@ -62,7 +62,7 @@ def scoring_transform(opts: SensorScoringOptions, audit: bool = False) -> ScoreS
     return ScoreSensorRecords(
         model_dir=opts.model_dir, state_ttl_s=opts.state_ttl_s, calibration_events=opts.calibration_events,
         max_batch_size=opts.max_batch_size, wire_format=opts.wire_format, inference_device=opts.inference_device,
-        pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit,
+        quantize=opts.quantize, pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit,
     )
 
 

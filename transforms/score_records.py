@@ -21,7 +21,7 @@ class ScoreSensorRecords(beam.PTransform):
     """
 
     def __init__(self, *, model_dir: str, state_ttl_s: float, calibration_events: int, max_batch_size: int,
-                 wire_format: str = "plain", inference_device: str = "CPU",
+                 wire_format: str = "plain", inference_device: str = "CPU", quantize: str = "none",
                  pseudonymize_key_env: str | None = None, audit: bool = False):
         super().__init__()
         self._model_dir = model_dir
@@ -30,6 +30,7 @@ class ScoreSensorRecords(beam.PTransform):
         self._max_batch_size = max_batch_size
         self._wire_format = wire_format
         self._inference_device = inference_device
+        self._quantize = quantize
         self._pseudonymize_key_env = pseudonymize_key_env
         self._audit = audit
 
@@ -37,7 +38,8 @@ class ScoreSensorRecords(beam.PTransform):
         return (
             records
             | "Decode" >> DecodeEvents(self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env)
-            | "DeviceState" >> beam.ParDo(DeviceStateDoFn(self._model_dir, self._state_ttl_s, self._calibration_events))
+            | "DeviceState" >> beam.ParDo(
+                DeviceStateDoFn(self._model_dir, self._state_ttl_s, self._calibration_events, self._quantize))
             | "Score" >> ScoreEvents(self._model_dir, max_batch_size=self._max_batch_size,
                                      wire_format=self._wire_format, device=self._inference_device,
                                      audit=self._audit)
