@@ -6,6 +6,12 @@ records or ``max_seconds_per_call`` seconds and then checkpoints with
 ``defer_remainder``, so a runner such as Flink can snapshot between calls.
 Consumers use manual assignment only, as Beam's KafkaIO does.
 
+``max_records_per_call`` also bounds what is in flight: the in-process runner
+hands a downstream stage everything read since its last bundle, and offsets
+are committed only when the sink's bundle ends. With 5000 a 30,000-event
+backlog was scored as one bundle, so a crash re-scored all of it; with 1000,
+commits follow a backlog as it is worked off (tests/test_faults.py).
+
 :func:`request_drain` ends every read of this process at its next poll, as
 if the partition had ended there: the pipeline then finishes what is in
 flight, writes it, commits its offsets and ends (the job's SIGINT/SIGTERM).
@@ -97,7 +103,7 @@ class _ReadPartitionFn(beam.DoFn):
         self,
         config: KafkaConfig,
         *,
-        max_records_per_call: int = 5000,
+        max_records_per_call: int = 1000,
         max_seconds_per_call: float = 1.0,
         poll_timeout_ms: int = 200,
         idle_resume_s: float = 0.2,
