@@ -1,0 +1,144 @@
+"""Memory under a flood of distinct device ids, and after their state expires.
+
+    python -m benchmarks.memory [--devices 100000] [--state_ttl_s 10]
+
+1. Per-device state: the pickled size of a DeviceState (what Beam state
+   holds per device) through calibration and after it.
+2. The real streaming job in a child process against an embedded broker:
+   its RSS when idle, after one event from each of ``--devices`` new devices
+   has been scored, and after their state expired (an event per partition
+   carrying the source watermark past the expiry time, then a wait).
+
+Prints one line per figure and a JSON summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from beam_jobs.embedded_broker import EmbeddedBroker
+from models.artifact import BUNDLED_MODEL_DIR, cached_artifact
+from schemas.serde import EVENT, AvroEncoder
+from transforms.device_state import DeviceLogic
+from transforms.kafka_client import KafkaConfig, end_offsets, ensure_topics, make_consumer, make_producer, partitions_of
+
+ROOT = Path(__file__).resolve().parents[1]
+FEATURES = ("temperature", "vibration", "current", "pressure", "flow", "voltage")
+PARTITIONS = 4
+
+
+def state_sizes(calibration_events: int, events: int) -> list[int]:
+    """Pickled bytes of one device's state after each of `events` events."""
+    logic = DeviceLogic(cached_artifact(str(BUNDLED_MODEL_DIR)), 600_000, calibration_events)
+    state, sizes = None, []
+    for i in range(events):
+        readings = {f: 50.0 + (i % 5) for f in FEATURES}
+        state = logic.on_event(state, 1_750_000_000_000 + i * 1000, readings, "in:0").state
+        sizes.append(len(pickle.dumps(state)))
+    return sizes
+
+
+def rss_mib(pid: int) -> float:
+    """Resident set size of a process, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+def produced(config: KafkaConfig, topic: str) -> int:
+    consumer = make_consumer(config)
+    try:
+        return sum(end_offsets(consumer, partitions_of(consumer, topic)).values())
+    finally:
+        consumer.close()
+
+
+def wait_until(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up after {timeout_s:.0f} s")
+        time.sleep(2)
+
+
+def flood(config: KafkaConfig, devices: int, start_ms: int) -> None:
+    """One event from each of `devices` never-seen devices, keyed and timestamped as producers should."""
+    encode, producer = AvroEncoder(EVENT), make_producer(config)
+    for d in range(devices):
+        event = {"event_id": f"flood-{d}", "device_id": f"flood-{d:06d}", "event_time": start_ms + d % 1000,
+                 "readings": {f: 50.0 for f in FEATURES}}
+        producer.send("in", key=event["device_id"].encode(), value=encode(event), timestamp_ms=event["event_time"])
+    producer.flush()
+    producer.close()
+
+
+def tick(config: KafkaConfig, event_time: int) -> None:
+    """An event on every partition, so each partition's source watermark passes the flood's expiry."""
+    encode, producer = AvroEncoder(EVENT), make_producer(config)
+    for p in range(PARTITIONS):
+        event = {"event_id": f"tick-{p}", "device_id": f"tick-{p}", "event_time": event_time,
+                 "readings": {f: 50.0 for f in FEATURES}}
+        producer.send("in", value=encode(event), partition=p, timestamp_ms=event_time)
+    producer.flush()
+    producer.close()
+
+
+def job_rss(devices: int, state_ttl_s: float, log: Path) -> dict:
+    """RSS of the streaming job idle, after the flood, and after expiry."""
+    with EmbeddedBroker() as broker:
+        config = KafkaConfig(broker.bootstrap_servers)
+        ensure_topics(config, ["in", "scores"], partitions=PARTITIONS)
+        with open(log, "w") as out:
+            job = subprocess.Popen(
+                [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", broker.bootstrap_servers,
+                 "--input_topic", "in", "--score_topic", "scores", "--state_ttl_s", str(state_ttl_s)],
+                cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            start_ms = int(time.time() * 1000) - 3_600_000
+            tick(config, start_ms - 1)
+            wait_until(lambda: produced(config, "scores") >= PARTITIONS, 120)
+            figures = {"idle_mib": rss_mib(job.pid)}
+            started = time.monotonic()
+            flood(config, devices, start_ms)
+            wait_until(lambda: produced(config, "scores") >= devices + PARTITIONS, 1800)
+            figures |= {"after_flood_mib": rss_mib(job.pid), "flood_s": round(time.monotonic() - started, 1)}
+            tick(config, start_ms + int(state_ttl_s * 1000) * 3)
+            # Scored once the expiry timers the ticks released have run: the runner works them off first.
+            wait_until(lambda: produced(config, "scores") >= devices + 2 * PARTITIONS, 1800)
+            time.sleep(max(30.0, 3 * state_ttl_s))
+            figures["after_expiry_mib"] = rss_mib(job.pid)
+            return figures
+        finally:
+            job.kill()
+            job.wait()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--devices", type=int, default=100_000)
+    parser.add_argument("--state_ttl_s", type=float, default=10.0)
+    parser.add_argument("--log", default="out/memory-benchmark-job.log")
+    args = parser.parse_args(argv)
+    default_cal = state_sizes(60, 120)
+    summary = {"state_bytes_first_event": default_cal[0], "state_bytes_calibrating_max": max(default_cal[:60]),
+               "state_bytes_calibrated": default_cal[-1]}
+    print(f"pickled DeviceState: {summary['state_bytes_first_event']} B after one event, "
+          f"at most {summary['state_bytes_calibrating_max']} B while calibrating (60 events), "
+          f"{summary['state_bytes_calibrated']} B once calibrated", flush=True)
+    Path(args.log).parent.mkdir(parents=True, exist_ok=True)
+    rss = job_rss(args.devices, args.state_ttl_s, Path(args.log))
+    print(f"job RSS: {rss['idle_mib']:.0f} MiB idle, {rss['after_flood_mib']:.0f} MiB after {args.devices} new "
+          f"devices ({rss['flood_s']} s), {rss['after_expiry_mib']:.0f} MiB after their state expired", flush=True)
+    print(json.dumps({**summary, **rss, "devices": args.devices}))
+
+
+if __name__ == "__main__":
+    main()
