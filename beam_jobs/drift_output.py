@@ -2,7 +2,9 @@
 
 Kept apart from ``build_pipeline`` so the scoring path stays one chain; the
 branch's sink acknowledgements are dropped: drift records answer for no
-input offset, so they never hold back or advance offset commits.
+input offset, so they never hold back or advance offset commits. Streaming
+runs close drift windows on the values' watermark evidence, so records come
+out while the job runs (see transforms/drift.py).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ def write_drift(records: beam.PCollection, messages: beam.PCollection, opts: Sen
     branches = (records, messages) | "Drift" >> ComputeDrift(
         reference, window_s=opts.drift_window_s, retrain_after_windows=opts.retrain_after_windows,
         thresholds=DriftThresholds(psi=opts.drift_psi_threshold, ks_pvalue=opts.drift_ks_pvalue),
-        wire_format=opts.wire_format,
+        wire_format=opts.wire_format, live=not opts.bounded,
     )
     topics = {DRIFT_STREAM: opts.drift_topic, RETRAIN_STREAM: opts.retrain_topic}
     for name, branch in zip(("Readings", "Scores"), branches):

@@ -1,4 +1,10 @@
-"""ComputeDrift in a real Beam pipeline: windows fire on the watermark, drift runs trigger retraining."""
+"""ComputeDrift in a real Beam pipeline: windows close on the watermark, drift runs trigger retraining.
+
+Under TestStream both closing rules of transforms/drift.py are checked: Beam
+windowing (bounded runs), and the live rule of streaming runs on the
+in-process runner, the watermark evidence the values carry, which cannot
+close the last window of a stream.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from schemas.serde import DRIFT, EVENT, RETRAIN, SCORE, AvroDecoder, AvroEncoder
 from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, ComputeDrift
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.kafka_source import KafkaRecord
+from transforms.offset_commits import SourcePosition
 
 START_MS = 1_700_000_040_000  # a multiple of 60 s: windows start with the stream
 DEVICES = 10
@@ -34,11 +41,12 @@ def record(e: dict, offset: int) -> KafkaRecord:
     return KafkaRecord("in", 0, offset, offset, None, ENCODE_EVENT(e), e["event_time"], e["event_time"])
 
 
-def score_message(e: dict) -> OutgoingMessage:
+def score_message(e: dict, offset: int) -> OutgoingMessage:
     score = {"event_id": e["event_id"], "device_id": e["device_id"], "event_time": e["event_time"],
              "score": float(RNG.gamma(2.0, 0.5)), "threshold": 9.0, "is_anomaly": False, "model_version": "v-test",
              "contributions": {}, "imputed": [], "processed_at": 0}
-    return OutgoingMessage(SCORES, e["device_id"].encode(), ENCODE_SCORE(score), e["event_time"], None)
+    return OutgoingMessage(SCORES, e["device_id"].encode(), ENCODE_SCORE(score), e["event_time"],
+                           SourcePosition("in", 0, offset, offset))
 
 
 def stream(windows: int, shift_from_window: int) -> TestStream:
@@ -49,7 +57,8 @@ def stream(windows: int, shift_from_window: int) -> TestStream:
         events = [event(step, d, shift) for d in range(DEVICES)]
         elements = [TimestampedValue(record(e, step * DEVICES + d), e["event_time"] / 1000) for d, e in enumerate(events)]
         # scores come out of RunInference stamped at the end of the global window; ComputeDrift re-stamps them
-        elements += [TimestampedValue(score_message(e), (START_MS + windows * 60_000) / 1000) for e in events]
+        elements += [TimestampedValue(score_message(e, step * DEVICES + d), (START_MS + windows * 60_000) / 1000)
+                     for d, e in enumerate(events)]
         test_stream = test_stream.add_elements(elements).advance_watermark_to((START_MS + step * 1000) / 1000)
     return test_stream.advance_watermark_to_infinity()
 
@@ -59,14 +68,15 @@ def decoded(stream_name: str):
     return beam.FlatMap(lambda m: [DECODE[stream_name](m.value)] if m.stream == stream_name else [])
 
 
-def run_drift(windows: int, shift_from_window: int, check_statistics, check_triggers) -> None:
+def run_drift(windows: int, shift_from_window: int, check_statistics, check_triggers, live=False) -> None:
     options = PipelineOptions([])
     options.view_as(StandardOptions).streaming = True
     with TestPipeline(options=options) as p:
         mixed = p | stream(windows, shift_from_window)
         records = mixed | "Records" >> beam.Filter(lambda x: isinstance(x, KafkaRecord))
         scores = mixed | "Scores" >> beam.Filter(lambda x: isinstance(x, OutgoingMessage))
-        readings, score_drift = (records, scores) | ComputeDrift(REFERENCE, window_s=60, retrain_after_windows=2)
+        readings, score_drift = (records, scores) | ComputeDrift(REFERENCE, window_s=60, retrain_after_windows=2,
+                                                               live=live)
         statistics = (readings | "R" >> decoded(DRIFT_STREAM), score_drift | "S" >> decoded(DRIFT_STREAM))
         triggers = (readings | "RT" >> decoded(RETRAIN_STREAM), score_drift | "ST" >> decoded(RETRAIN_STREAM))
         assert_that(statistics | "AllStatistics" >> beam.Flatten(), check_statistics, label="CheckStatistics")
@@ -103,3 +113,17 @@ def test_unshifted_stream_has_no_drift_and_no_trigger():
         assert triggers == []
 
     run_drift(windows=3, shift_from_window=99, check_statistics=check_statistics, check_triggers=check_triggers)
+
+
+def test_without_timers_windows_close_on_the_evidence_the_values_carry_all_but_the_last():
+    def check_statistics(records):
+        got = by_window(records)
+        assert sorted(got) == [(w, f) for w in range(3) for f in (SCORE_FEATURE, "x", "y")]
+        assert [got[w, "x"]["drift"] for w in range(3)] == [False, True, True]
+        assert all(r["count"] == 60 * DEVICES for r in records)
+
+    def check_triggers(triggers):
+        assert [(t["feature"], t["consecutive_windows"]) for t in triggers] == [("x", 2)]
+
+    run_drift(windows=4, shift_from_window=1, check_statistics=check_statistics, check_triggers=check_triggers,
+              live=True)

@@ -11,6 +11,10 @@ the training reference (KS flags the first windows; see transforms/drift.py).
 from __future__ import annotations
 
 import itertools
+import os
+import signal
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
@@ -21,6 +25,7 @@ from models.artifact import BUNDLED_MODEL_DIR
 from models.drift_reference import SCORE_FEATURE, load_reference
 from schemas.serde import DRIFT, EVENT, RETRAIN, AvroDecoder, AvroEncoder
 from tests.kafka_helpers import produce_all, read_all
+from tests.test_job import ROOT, _wait_for
 from transforms.kafka_client import ensure_topics
 
 START_MS = 1_700_000_040_000  # a multiple of 60 s, so event-time windows start with the stream
@@ -43,22 +48,34 @@ def line_events(shift: float) -> list[dict]:
     return events
 
 
-def run_job_on(kafka_config, names, events: list[dict]) -> tuple[dict, list[dict]]:
-    """Statistics by (window index, feature), and the retrain triggers, of a bounded run over `events`."""
+def produce_events(kafka_config, names, events: list[dict]) -> None:
+    """Sends `events` to the input topic (4 partitions, keyed by device, stamped with event times)."""
     ensure_topics(kafka_config, [names("in")], partitions=4)
     encode = AvroEncoder(EVENT)
     produce_all(kafka_config, names("in"), [(e["device_id"].encode(), encode(e), e["event_time"]) for e in events])
-    sensor_scoring.run([
-        "--bootstrap_servers", kafka_config.bootstrap_servers, "--bounded", "--start_from", "earliest",
-        "--input_topic", names("in"), "--score_topic", names("scores"), "--dead_letter_topic", names("dead"),
-        "--drift_topic", names("drift"), "--retrain_topic", names("retrain"), "--consumer_group", names("group"),
-    ])
-    first_ms = events[0]["event_time"]
+
+
+def job_arguments(kafka_config, names) -> list[str]:
+    """One test's broker, topics and group: the bounded and the streaming runs differ only in --bounded."""
+    return ["--bootstrap_servers", kafka_config.bootstrap_servers, "--start_from", "earliest",
+            "--input_topic", names("in"), "--score_topic", names("scores"), "--dead_letter_topic", names("dead"),
+            "--drift_topic", names("drift"), "--retrain_topic", names("retrain"), "--consumer_group", names("group")]
+
+
+def drift_outputs(kafka_config, names, first_ms: int) -> tuple[dict, list[dict]]:
+    """Statistics by (window index, feature), checked to be one per feature and window, and the retrain triggers."""
     records = [r[3] for r in read_all(kafka_config, names("drift"), AvroDecoder(DRIFT))]
     counts = Counter(((r["window_start"] - first_ms) // 60_000, r["feature"]) for r in records)
     assert set(counts.values()) == {1}, "one record per feature per window"
     statistics = {((r["window_start"] - first_ms) // 60_000, r["feature"]): r for r in records}
     return statistics, [r[3] for r in read_all(kafka_config, names("retrain"), AvroDecoder(RETRAIN))]
+
+
+def run_job_on(kafka_config, names, events: list[dict]) -> tuple[dict, list[dict]]:
+    """drift_outputs of a bounded run over `events`."""
+    produce_events(kafka_config, names, events)
+    sensor_scoring.run(["--bounded", *job_arguments(kafka_config, names)])
+    return drift_outputs(kafka_config, names, events[0]["event_time"])
 
 
 @pytest.mark.slow
@@ -80,3 +97,42 @@ def test_the_same_stream_unshifted_has_no_drift(kafka_config, topic_names):
     assert len(statistics) == WINDOWS * (len(READINGS) + 1)
     drifted = [(w, f) for (w, f), r in statistics.items() if r["drift"] and f != SCORE_FEATURE]
     assert drifted == [] and triggers == []
+
+
+@pytest.mark.slow
+def test_a_streaming_job_emits_each_window_and_the_trigger_while_it_runs(kafka_config, topic_names, tmp_path):
+    """Unbounded run: every window the data has passed closes live; the last one waits for later data.
+
+    The events arrive as a live line sends them, 30 s of event time at a
+    time, each once the last is scored: a window closes on evidence from a
+    later read than the one that showed it (transforms/drift.py).
+    """
+    events = line_events(shift=3.0)
+    ensure_topics(kafka_config, [topic_names("in")], partitions=4)
+    closed = [(w, f) for w in range(WINDOWS - 1) for f in (*READINGS, SCORE_FEATURE)]
+    with open(tmp_path / "job.log", "w") as log:
+        job = subprocess.Popen(
+            [sys.executable, "-m", "beam_jobs.sensor_scoring", *job_arguments(kafka_config, topic_names),
+             "--retrain_after_windows", "2"],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            chunk = 30 * DEVICES
+            for sent in range(chunk, len(events) + 1, chunk):
+                produce_events(kafka_config, topic_names, events[sent - chunk:sent])
+                _wait_for(lambda: len(read_all(kafka_config, topic_names("scores"))) >= sent, 120,
+                          f"the first {sent} scores")
+            _wait_for(lambda: len(read_all(kafka_config, topic_names("drift"))) >= len(closed), 300,
+                      "the closed windows' statistics")
+            _wait_for(lambda: read_all(kafka_config, topic_names("retrain")), 30, "the retrain trigger")
+            statistics, triggers = drift_outputs(kafka_config, topic_names, events[0]["event_time"])
+            assert job.poll() is None, (tmp_path / "job.log").read_text()
+        finally:
+            job.send_signal(signal.SIGINT)
+            job.wait(timeout=60)
+    assert sorted(statistics) == sorted(closed)
+    for (window, feature), record in statistics.items():
+        assert record["count"] == 60 * DEVICES, record
+        if feature in READINGS:
+            assert record["drift"] == (feature == SHIFTED and window >= SHIFT_FROM_WINDOW), record
+    [trigger] = triggers
+    assert trigger["feature"] == SHIFTED and trigger["consecutive_windows"] == 2

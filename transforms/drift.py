@@ -2,27 +2,51 @@
 
 Valid input events give one value per reading (None when the reading is
 missing; the records are decoded again here, so the scoring path stays one
-chain); score messages give the ``__score__`` value. Values are windowed into fixed
-event-time windows and combined per feature into a
+chain); score messages give the ``__score__`` value. Values are grouped into
+fixed event-time windows per feature as a
 :class:`~transforms.drift_stats.WindowSummary` (bin counts and per-device
-moments: bounded memory, exact merges). When the watermark passes a window's
-end, each feature yields one DriftStatistics record (see ``drift_stats`` for
-PSI, KS and the thresholds).
+moments: bounded memory, exact merges). When a window closes, each feature
+yields one DriftStatistics record (see ``drift_stats`` for PSI, KS and the
+thresholds).
+
+Two ways to close a window, chosen by ``live``:
+
+* Bounded runs (``live=False``) and TestStream: Beam windowing. Values go into
+  FixedWindows and a CombinePerKey; the runner fires each window as its
+  watermark passes the window end.
+* Streaming (``live=True``): the in-process FnApiRunner schedules a stage
+  behind a GroupByKey, Combine or Flatten only when its input watermark
+  reaches the end of time, so windowed combines emit nothing while a job
+  runs, and it fires event-time timers early (a timer 60 s ahead fired after
+  about 2 s). So a stateful DoFn keyed by feature, fed straight by the stage
+  before it and with no timer, keeps the open windows and closes them on
+  *evidence* carried by the values: per partition, the source watermark of
+  the latest record (score messages carry no watermark: their event time,
+  which is at most the source watermark when producers stamp event times, as
+  the simulator does). The fleet-wide evidence is the minimum over the
+  partitions seen. A partition's evidence counts only from the next bundle
+  on: within a bundle, the per-device shuffle of the scoring path reorders
+  values, and a later bundle holds none of an earlier one's. Consequences:
+  a window closes once every partition seen has sent a record past its end;
+  a partition that goes silent holds the windows open; values of an already
+  closed window are dropped and counted (``drift/late_values``).
 
 Retrain trigger: per reading. When one reading drifts in ``retrain_after``
 consecutive windows (each starting where the last ended), one RetrainTrigger
 is emitted; the run must break (a window without drift, or without data)
 before that feature triggers again. Windows of one feature reach the trigger
-step in order because the runner fires them as the watermark passes their
-ends. ``__score__`` drift is reported but triggers nothing: retraining
-answers input drift, and the score distribution also moves while devices
-warm up after a job start (their first windows score below the training
-reference, measured in tests/test_drift_job.py).
+step in order: the runner fires them as the watermark passes their ends, and
+the live DoFn closes them in order. ``__score__`` drift is reported but
+triggers nothing: retraining answers input drift, and the score distribution
+also moves while devices warm up after a job start (their first windows score
+below the training reference, measured in tests/test_drift_job.py).
 """
 
 from __future__ import annotations
 
 import time
+import uuid
+from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
@@ -37,11 +61,23 @@ from transforms.decode import ValidationRules, validation_error
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.kafka_source import KafkaRecord
+from transforms.offset_commits import partition_key
 
 _METRICS = "drift"
-FeatureValue = Tuple[str, str, Optional[float]]  # (feature, device_id, value or None)
+_NO_EVIDENCE = -(2**63)
 DRIFT_STREAM = "drift"
 RETRAIN_STREAM = "retrain"
+
+
+class FeatureValue(NamedTuple):
+    """One value of one feature (None when missing), and the watermark evidence of the record it came from."""
+
+    feature: str
+    event_time: int
+    device_id: str
+    value: Optional[float]
+    partition: str
+    evidence_ms: int
 
 
 class _ReadingValuesFn(beam.DoFn):
@@ -66,17 +102,20 @@ class _ReadingValuesFn(beam.DoFn):
             return
         if validation_error(event, self._rules, int(time.time() * 1000)):
             return
+        partition = partition_key(record.topic, record.partition)
         timestamp = Timestamp.of(event["event_time"] / 1000)
         for feature in self._features:
-            value = (feature, event["device_id"], event["readings"].get(feature))
+            value = FeatureValue(feature, event["event_time"], event["device_id"], event["readings"].get(feature),
+                                 partition, record.watermark_ms)
             yield TimestampedValue((feature, value), timestamp)
 
 
 class _ScoreValueFn(beam.DoFn):
-    """Score message -> (__score__, FeatureValue) at the score's event time.
+    """Score message -> (__score__, FeatureValue) at the score's event time; other messages pass by.
 
     RunInference emits its batches at the end of the global window, so the
-    event time (the message timestamp) is restored here. Dead letters pass by.
+    event time (the message timestamp) is restored here. It is also the
+    live evidence: see the module docstring.
     """
 
     def __init__(self, wire_format: str):
@@ -89,8 +128,18 @@ class _ScoreValueFn(beam.DoFn):
         if message.stream != SCORES:
             return
         score = self._decode(message.value)
-        value = (SCORE_FEATURE, score["device_id"], score["score"])
+        partition = partition_key(message.source.topic, message.source.partition)
+        value = FeatureValue(SCORE_FEATURE, message.timestamp_ms, score["device_id"], score["score"], partition,
+                             message.timestamp_ms)
         yield TimestampedValue((SCORE_FEATURE, value), Timestamp.of(message.timestamp_ms / 1000))
+
+
+def _summarise(reference: DriftReference, summary: Optional[WindowSummary], value: FeatureValue) -> WindowSummary:
+    """The window's summary with `value` added (a new one for the first value): both paths add values alike."""
+    feature_reference = reference.features[value.feature]
+    summary = summary or WindowSummary.empty(feature_reference)
+    summary.add(feature_reference, value.device_id, value.value)
+    return summary
 
 
 class _SummaryFn(beam.CombineFn):
@@ -102,12 +151,8 @@ class _SummaryFn(beam.CombineFn):
     def create_accumulator(self) -> Optional[WindowSummary]:
         return None
 
-    def add_input(self, summary: Optional[WindowSummary], element: FeatureValue) -> WindowSummary:
-        feature, device_id, value = element
-        reference = self._reference.features[feature]
-        summary = summary or WindowSummary.empty(reference)
-        summary.add(reference, device_id, value)
-        return summary
+    def add_input(self, summary: Optional[WindowSummary], value: FeatureValue) -> WindowSummary:
+        return _summarise(self._reference, summary, value)
 
     def merge_accumulators(self, summaries) -> Optional[WindowSummary]:
         merged = None
@@ -120,22 +165,44 @@ class _SummaryFn(beam.CombineFn):
         return summary
 
 
-class _ToStatisticsFn(beam.DoFn):
-    """(feature, WindowSummary) of one window -> DriftStatistics record."""
+class _Run(NamedTuple):
+    first_window_start: int
+    last_window_end: int
+    windows: int
 
-    def __init__(self, reference: DriftReference, thresholds: DriftThresholds):
+
+def _extend(run: Optional[_Run], stats: dict) -> Optional[_Run]:
+    """The drift run this window continues or starts; None when it does not drift."""
+    if not stats["drift"]:
+        return None
+    if run is None or run.last_window_end != stats["window_start"]:
+        return _Run(stats["window_start"], stats["window_end"], 1)
+    return _Run(run.first_window_start, stats["window_end"], run.windows + 1)
+
+
+class _DriftRecords:
+    """Statistics records and their messages, for both paths: one record format, one trigger rule, one set of metrics."""
+
+    def __init__(self, reference: DriftReference, thresholds: DriftThresholds, retrain_after: int, wire_format: str):
         self._reference = reference
         self._thresholds = thresholds
-        self._windows = beam.metrics.Metrics.counter(_METRICS, "feature_windows")
-        self._drifted = beam.metrics.Metrics.counter(_METRICS, "feature_windows_drifted")
+        self._retrain_after = retrain_after
+        self._wire_format = wire_format
+        counter = beam.metrics.Metrics.counter
+        self._windows = counter(_METRICS, "feature_windows")
+        self._drifted = counter(_METRICS, "feature_windows_drifted")
+        self._triggers = counter(_METRICS, "retrain_triggers")
 
-    def process(self, element: tuple[str, Optional[WindowSummary]], window=beam.DoFn.WindowParam) -> Iterator[dict]:
-        feature, summary = element
-        if summary is None:
-            return
+    def setup(self) -> None:
+        """Encoders are built on the worker: they are not picklable."""
+        self._encode_drift = AvroEncoder(DRIFT, self._wire_format)
+        self._encode_retrain = AvroEncoder(RETRAIN, self._wire_format)
+
+    def statistics(self, feature: str, start_ms: int, end_ms: int, summary: WindowSummary) -> dict:
+        """The DriftStatistics record of one feature's window, counted."""
         record = {
-            "window_start": window.start.micros // 1000,
-            "window_end": window.end.micros // 1000,
+            "window_start": start_ms,
+            "window_end": end_ms,
             "feature": feature,
             **drift_statistics(summary, self._reference.features[feature], self._thresholds),
             "model_version": self._reference.model_version,
@@ -143,13 +210,30 @@ class _ToStatisticsFn(beam.DoFn):
         self._windows.inc()
         if record["drift"]:
             self._drifted.inc()
-        yield record
+        return record
+
+    def messages(self, stats: dict, run: Optional[_Run]) -> Iterator[OutgoingMessage]:
+        """The record's message, and a RetrainTrigger's when `run` (this window's drift run) just got long enough."""
+        key = stats["feature"].encode()
+        yield OutgoingMessage(DRIFT_STREAM, key, self._encode_drift(stats), stats["window_end"], None)
+        if self._retrain_after and run is not None and run.windows == self._retrain_after:
+            self._triggers.inc()
+            trigger = {"feature": stats["feature"], "model_version": stats["model_version"],
+                       "first_window_start": run.first_window_start, "last_window_end": run.last_window_end,
+                       "consecutive_windows": run.windows, "psi": stats["psi"], "ks_pvalue": stats["ks_pvalue"]}
+            yield OutgoingMessage(RETRAIN_STREAM, key, self._encode_retrain(trigger), run.last_window_end, None)
 
 
-class _Run(NamedTuple):
-    first_window_start: int
-    last_window_end: int
-    windows: int
+class _ToStatisticsFn(beam.DoFn):
+    """(feature, WindowSummary) of one window -> DriftStatistics record."""
+
+    def __init__(self, records: _DriftRecords):
+        self._records = records
+
+    def process(self, element: tuple[str, Optional[WindowSummary]], window=beam.DoFn.WindowParam) -> Iterator[dict]:
+        feature, summary = element
+        if summary is not None:
+            yield self._records.statistics(feature, window.start.micros // 1000, window.end.micros // 1000, summary)
 
 
 class _DriftMessagesFn(beam.DoFn):
@@ -157,39 +241,20 @@ class _DriftMessagesFn(beam.DoFn):
 
     RUN = ReadModifyWriteStateSpec("run", PickleCoder())
 
-    def __init__(self, retrain_after: int, wire_format: str):
-        self._retrain_after = retrain_after
-        self._wire_format = wire_format
-        self._triggers = beam.metrics.Metrics.counter(_METRICS, "retrain_triggers")
+    def __init__(self, records: _DriftRecords):
+        self._records = records
 
     def setup(self) -> None:
-        self._encode_drift = AvroEncoder(DRIFT, self._wire_format)
-        self._encode_retrain = AvroEncoder(RETRAIN, self._wire_format)
+        self._records.setup()
 
     def process(self, element: tuple[str, dict], run_state=beam.DoFn.StateParam(RUN)) -> Iterator[OutgoingMessage]:
-        feature, stats = element
-        key = feature.encode()
-        yield OutgoingMessage(DRIFT_STREAM, key, self._encode_drift(stats), stats["window_end"], None)
-        run = self._extend(run_state.read(), stats)
+        _, stats = element
+        run = _extend(run_state.read(), stats)
         if run is None:
             run_state.clear()
-            return
-        run_state.write(run)
-        if self._retrain_after and run.windows == self._retrain_after:
-            self._triggers.inc()
-            trigger = {"feature": feature, "model_version": stats["model_version"],
-                       "first_window_start": run.first_window_start, "last_window_end": run.last_window_end,
-                       "consecutive_windows": run.windows, "psi": stats["psi"], "ks_pvalue": stats["ks_pvalue"]}
-            yield OutgoingMessage(RETRAIN_STREAM, key, self._encode_retrain(trigger), run.last_window_end, None)
-
-    @staticmethod
-    def _extend(run: Optional[_Run], stats: dict) -> Optional[_Run]:
-        """The drift run this window continues or starts; None when it does not drift."""
-        if not stats["drift"]:
-            return None
-        if run is None or run.last_window_end != stats["window_start"]:
-            return _Run(stats["window_start"], stats["window_end"], 1)
-        return _Run(run.first_window_start, stats["window_end"], run.windows + 1)
+        else:
+            run_state.write(run)
+        yield from self._records.messages(stats, run)
 
 
 def _by_feature(stats: dict) -> tuple[str, dict]:
@@ -197,56 +262,140 @@ def _by_feature(stats: dict) -> tuple[str, dict]:
 
 
 class _WindowedDrift(beam.PTransform):
-    """(feature, FeatureValue) at event times -> drift and retrain OutgoingMessages."""
+    """Bounded runs: (feature, FeatureValue) at event times -> drift and retrain OutgoingMessages, by Beam windows."""
 
-    def __init__(self, reference: DriftReference, window_s: float, retrain_after: int, thresholds: DriftThresholds,
-                 wire_format: str):
+    def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords):
         super().__init__()
         self._reference = reference
         self._window_s = window_s
-        self._retrain_after = retrain_after
-        self._thresholds = thresholds
-        self._wire_format = wire_format
+        self._records = records
 
     def expand(self, values):
         return (
             values
             | "FixedWindows" >> beam.WindowInto(FixedWindows(self._window_s))
             | "Summarise" >> beam.CombinePerKey(_SummaryFn(self._reference))
-            | "Statistics" >> beam.ParDo(_ToStatisticsFn(self._reference, self._thresholds))
+            | "Statistics" >> beam.ParDo(_ToStatisticsFn(self._records))
             | "KeyByFeature" >> beam.Map(_by_feature).with_output_types(Tuple[str, Any])
             | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "ToMessages" >> beam.ParDo(_DriftMessagesFn(self._retrain_after, self._wire_format))
+            | "ToMessages" >> beam.ParDo(_DriftMessagesFn(self._records))
         )
+
+
+class _Evidence(NamedTuple):
+    """One partition's watermark evidence: what earlier bundles showed, and what the current one shows."""
+
+    committed: int
+    pending: int
+    bundle: str
+
+
+@dataclass
+class _FeatureWindows:
+    """Everything one feature keeps in streaming: open windows by start, how far it has closed, evidence, drift run."""
+
+    open: dict[int, WindowSummary] = field(default_factory=dict)
+    closed_through: int = _NO_EVIDENCE
+    evidence: dict[str, _Evidence] = field(default_factory=dict)
+    run: Optional[_Run] = None
+
+    def observe(self, partition: str, evidence_ms: int, bundle: str) -> None:
+        """Records a value's evidence; the previous bundle's evidence of its partition becomes usable."""
+        seen = self.evidence.get(partition, _Evidence(_NO_EVIDENCE, _NO_EVIDENCE, bundle))
+        if seen.bundle != bundle:
+            seen = _Evidence(max(seen.committed, seen.pending), _NO_EVIDENCE, bundle)
+        self.evidence[partition] = seen._replace(pending=max(seen.pending, evidence_ms))
+
+    def fleet_evidence(self) -> int:
+        """The usable evidence of the slowest partition seen."""
+        return min((e.committed for e in self.evidence.values()), default=_NO_EVIDENCE)
+
+
+class _LiveWindowsFn(beam.DoFn):
+    """Streaming, keyed by feature: FeatureValues in; drift and retrain messages as the evidence closes windows.
+
+    No timer, no GroupByKey: see the module docstring for why and when a window closes.
+    """
+
+    WINDOWS = ReadModifyWriteStateSpec("windows", PickleCoder())
+
+    def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords):
+        self._reference = reference
+        self._window_ms = int(window_s * 1000)
+        self._records = records
+        self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
+
+    def setup(self) -> None:
+        self._records.setup()
+
+    def start_bundle(self) -> None:
+        self._bundle = uuid.uuid4().hex
+
+    def process(self, element: tuple[str, FeatureValue],
+                state=beam.DoFn.StateParam(WINDOWS)) -> Iterator[OutgoingMessage]:
+        _, value = element
+        windows: _FeatureWindows = state.read() or _FeatureWindows()
+        self._add(windows, value)
+        windows.observe(value.partition, value.evidence_ms, self._bundle)
+        yield from self._close(value.feature, windows, windows.fleet_evidence())
+        state.write(windows)
+
+    def _add(self, windows: _FeatureWindows, value: FeatureValue) -> None:
+        """Adds the value to its window, unless that window has closed (then it is counted late)."""
+        start = value.event_time - value.event_time % self._window_ms
+        if start + self._window_ms <= windows.closed_through:
+            self._late.inc()
+            return
+        windows.open[start] = _summarise(self._reference, windows.open.get(start), value)
+
+    def _close(self, feature: str, windows: _FeatureWindows, through_ms: int) -> Iterator[OutgoingMessage]:
+        """Closes, in order, the windows that end at or before `through_ms`."""
+        for start in sorted(s for s in windows.open if s + self._window_ms <= through_ms):
+            stats = self._records.statistics(feature, start, start + self._window_ms, windows.open.pop(start))
+            windows.run = _extend(windows.run, stats)
+            yield from self._records.messages(stats, windows.run)
+        windows.closed_through = max(windows.closed_through, through_ms)
 
 
 class ComputeDrift(beam.PTransform):
     """(input KafkaRecords, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
 
     Two branches and no Flatten: each ends in its own sink (see
-    transforms/kafka_sink.py on Flatten in the in-process runner).
+    transforms/kafka_sink.py on Flatten in the in-process runner). ``live``:
+    close windows on the values' watermark evidence, for streaming runs on
+    the in-process runner (see the module docstring); False: Beam windowing.
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
                  thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain",
-                 rules: ValidationRules = ValidationRules()):
+                 rules: ValidationRules = ValidationRules(), live: bool = False):
         super().__init__()
         self._reference = reference
         self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
+        self._window_s = window_s
+        self._retrain_after = retrain_after_windows
+        self._thresholds = thresholds
         self._wire_format = wire_format
         self._rules = rules
-        self._windowed = (reference, window_s, retrain_after_windows, thresholds, wire_format)
+        self._live = live
+
+    def _drift(self, retrain_after: int) -> beam.PTransform:
+        """(feature, FeatureValue) -> messages, by the closing rule `live` picks."""
+        records = _DriftRecords(self._reference, self._thresholds, retrain_after, self._wire_format)
+        if self._live:
+            return beam.ParDo(_LiveWindowsFn(self._reference, self._window_s, records))
+        return _WindowedDrift(self._reference, self._window_s, records)
 
     def expand(self, inputs):
         records, messages = inputs
         readings = (
             records
             | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings, self._wire_format, self._rules))
-            | "ReadingDrift" >> _WindowedDrift(*self._windowed)
+            | "ReadingDrift" >> self._drift(self._retrain_after)
         )
         scores = (
             messages
             | "ScoreValues" >> beam.ParDo(_ScoreValueFn(self._wire_format))
-            | "ScoreDrift" >> _WindowedDrift(*self._windowed[:2], 0, *self._windowed[3:])
+            | "ScoreDrift" >> self._drift(0)
         )
         return readings, scores
