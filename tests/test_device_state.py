@@ -140,3 +140,22 @@ def test_early_timer_never_changes_a_score():
     expected = run_steps([event("a", 1000, 0), event("a", 2000, 1), event("a", 5000, 2)])
     np.testing.assert_allclose(rows["a-5000"], expected[2].model_input, atol=1e-6)
     assert rows["a-5000"][-1] > 0
+
+
+def _live_devices_after(events: list[ValidEvent]) -> int:
+    """devices_with_live_state at the end of a bounded FnApiRunner run (whose metrics are exact)."""
+    pipeline = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
+    _ = (pipeline
+         | beam.Create([(e.device_id, e) for e in events]).with_output_types(Tuple[str, Any])
+         | beam.ParDo(DeviceStateDoFn(str(BUNDLED_MODEL_DIR), TTL_S, calibration_events=CALIBRATION)))
+    result = pipeline.run()
+    result.wait_until_finish()
+    query = beam.metrics.MetricsFilter().with_name("devices_with_live_state")
+    return sum(c.committed for c in result.metrics().query(query)["counters"])
+
+
+def test_live_device_gauge_counts_devices_holding_state_and_drops_on_reclaim():
+    held = [event(f"d{i}", 1000, i) for i in range(3)]
+    assert _live_devices_after(held) == 3  # no watermark evidence past expiry: the state stays
+    reclaimed = [event(f"d{i}", 1000, i, source_watermark_ms=1000 + 2 * TTL_S * 1000) for i in range(3)]
+    assert _live_devices_after(reclaimed) == 0

@@ -146,6 +146,8 @@ class DeviceStateDoFn(beam.DoFn):
         self._out_of_order = counter(_METRICS, "out_of_order_events")
         self._resets = counter(_METRICS, "state_resets_after_gap")
         self._new_devices = counter(_METRICS, "devices_started")
+        # Up on a device's first event, down when its state is reclaimed: the devices holding memory now.
+        self._live_devices = counter(_METRICS, "devices_with_live_state")
         self._expired = counter(_METRICS, "state_expirations")
         self._early_timers = counter(_METRICS, "early_timer_firings")
 
@@ -179,6 +181,7 @@ class DeviceStateDoFn(beam.DoFn):
         self._events.inc()
         if previous is None:
             self._new_devices.inc()
+            self._live_devices.inc()
         if step.reset:
             self._resets.inc()
         if not step.in_order:
@@ -198,6 +201,7 @@ class DeviceStateDoFn(beam.DoFn):
         if self._logic.may_clear(state, self._source_watermarks.get(state.partition, -1)):
             device.clear()
             self._expired.inc()
+            self._live_devices.dec()
             return
         self._early_timers.inc()
         if state.rearms < MAX_TIMER_REARMS:
