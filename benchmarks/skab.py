@@ -37,7 +37,7 @@ from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
 from models.train import train
 from schemas.serde import SCORE, AvroDecoder
-from transforms.kafka_client import KafkaConfig, end_offsets, make_consumer, partitions_of
+from transforms.kafka_client import KafkaConfig, read_topic
 
 _LOG = logging.getLogger("benchmarks.skab")
 FREE_GROUP = "anomaly-free"
@@ -109,20 +109,8 @@ def write_recordings(files: Sequence[SkabFile], folder: Path, calibration_events
 
 def read_scores(config: KafkaConfig, topic: str) -> dict[str, dict]:
     """Every SensorScore of `topic` up to its end offsets now, by event_id."""
-    consumer = make_consumer(config)
     decode = AvroDecoder(SCORE)
-    try:
-        tps = partitions_of(consumer, topic)
-        ends = end_offsets(consumer, tps)
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        scores = {}
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            for records in consumer.poll(timeout_ms=500).values():
-                scores.update((s["event_id"], s) for s in (decode(r.value) for r in records))
-        return scores
-    finally:
-        consumer.close()
+    return {score["event_id"]: score for score in (decode(r.value) for r in read_topic(config, topic))}
 
 
 def run_job(config: KafkaConfig, model_dir: Path, name: str, calibration_events: int, quantize: str) -> str:

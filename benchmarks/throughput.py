@@ -37,7 +37,15 @@ from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from schemas.serde import EVENT, SCORE, AvroDecoder, AvroEncoder, SerdeError
 from transforms.decode import ValidationRules, ValidEvent, validation_error
 from transforms.device_state import DeviceLogic, ScoringContext
-from transforms.kafka_client import KafkaConfig, end_offsets, ensure_topics, make_consumer, make_producer, partitions_of
+from transforms.kafka_client import (
+    KafkaConfig,
+    end_offsets,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+    read_topic,
+)
 from transforms.offset_commits import SourcePosition
 from transforms.scoring import score_record
 
@@ -114,21 +122,7 @@ def timed_process(command: list[str], log: Path) -> tuple[float, float, int]:
 def read_processed_at(config: KafkaConfig, topic: str) -> list[tuple[str, int]]:
     """(event_id, processed_at) of every score on the topic."""
     decode = AvroDecoder(SCORE)
-    consumer = make_consumer(config)
-    try:
-        parts = partitions_of(consumer, topic)
-        ends = end_offsets(consumer, parts)
-        consumer.assign(parts)
-        consumer.seek_to_beginning(*parts)
-        out = []
-        while any(consumer.position(tp) < ends[tp] for tp in parts):
-            for records in consumer.poll(timeout_ms=500, max_records=20000).values():
-                for r in records:
-                    score = decode(r.value)
-                    out.append((score["event_id"], score["processed_at"]))
-        return out
-    finally:
-        consumer.close()
+    return [(score["event_id"], score["processed_at"]) for score in (decode(r.value) for r in read_topic(config, topic))]
 
 
 def reference_loop(bootstrap: str, model_dir: str, calibration_events: int, state_ttl_s: float) -> None:

@@ -6,7 +6,7 @@ from typing import Callable
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from transforms.kafka_client import KafkaConfig, end_offsets, partitions_of
+from transforms.kafka_client import KafkaConfig, partitions_of, read_topic
 
 
 def produce_all(config: KafkaConfig, topic: str, messages: list[tuple[bytes | None, bytes, int | None]]) -> None:
@@ -21,19 +21,8 @@ def produce_all(config: KafkaConfig, topic: str, messages: list[tuple[bytes | No
 
 def read_all(config: KafkaConfig, topic: str, decode: Callable[[bytes], dict] = lambda b: b) -> list[tuple]:
     """Every record of `topic` as (partition, offset, key, decoded value), in partition order."""
-    consumer = KafkaConsumer(**config.client_kwargs(), enable_auto_commit=False)
-    try:
-        tps = partitions_of(consumer, topic)
-        ends = end_offsets(consumer, tps)
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        out = []
-        while any(consumer.position(tp) < ends[tp] for tp in tps):
-            for tp, records in consumer.poll(timeout_ms=500).items():
-                out += [(r.partition, r.offset, r.key, decode(r.value)) for r in records]
-        return sorted(out, key=lambda r: (r[0], r[1]))
-    finally:
-        consumer.close()
+    out = [(r.partition, r.offset, r.key, decode(r.value)) for r in read_topic(config, topic)]
+    return sorted(out, key=lambda r: (r[0], r[1]))
 
 
 def committed_offsets(config: KafkaConfig, topic: str, group: str) -> dict[int, int | None]:

@@ -10,9 +10,10 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -205,6 +206,21 @@ def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) 
         if time.monotonic() >= deadline:
             raise BrokerUnavailable(f"topic {topic!r} has no partitions at {consumer.config['bootstrap_servers']}")
         time.sleep(0.2)
+
+
+def read_topic(config: KafkaConfig, topic: str) -> Iterator[ConsumerRecord]:
+    """Every record of `topic` from the beginning up to the end offsets it has now (tools, tests, benchmarks)."""
+    consumer = make_consumer(config)
+    try:
+        parts = partitions_of(consumer, topic)
+        ends = end_offsets(consumer, parts)
+        consumer.assign(parts)
+        consumer.seek_to_beginning(*parts)
+        while any(consumer.position(tp) < ends[tp] for tp in parts):
+            for records in consumer.poll(timeout_ms=500, max_records=20000).values():
+                yield from records
+    finally:
+        consumer.close()
 
 
 def resolve_partitions(
