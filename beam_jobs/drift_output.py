@@ -35,13 +35,13 @@ def drift_reference(opts: SensorScoringOptions) -> DriftReference | None:
     return reference
 
 
-def write_drift(records: beam.PCollection, messages: beam.PCollection, opts: SensorScoringOptions,
+def write_drift(decoded: beam.PCollection, messages: beam.PCollection, opts: SensorScoringOptions,
                 config: KafkaConfig) -> None:
-    """Adds the drift branch: input records and scoring messages in, drift and retrain topics out."""
+    """Adds the drift branch: decoded events and scoring messages in, drift and retrain topics out."""
     reference = drift_reference(opts)
     if reference is None:
         return
-    branches = (records, messages) | "Drift" >> ComputeDrift(
+    branches = (decoded, messages) | "Drift" >> ComputeDrift(
         reference, window_s=opts.drift_window_s, retrain_after_windows=opts.retrain_after_windows,
         thresholds=DriftThresholds(psi=opts.drift_psi_threshold, ks_pvalue=opts.drift_ks_pvalue),
         wire_format=opts.wire_format, live=not opts.bounded,

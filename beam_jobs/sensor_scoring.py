@@ -45,7 +45,7 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
     config = kafka_config(opts)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
-    messages = records | "ScoreRecords" >> scoring_transform(opts, audit=bool(opts.audit_topic))
+    decoded, messages = records | "ScoreRecords" >> scoring_transform(opts, audit=bool(opts.audit_topic))
     topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
     if opts.audit_topic:
         topics[AUDIT] = opts.audit_topic
@@ -54,7 +54,7 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
         | "Write" >> WriteToKafka(config, topics)
         | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     )
-    write_drift(records, messages, opts, config)
+    write_drift(decoded, messages, opts, config)
 
 
 def scoring_transform(opts: SensorScoringOptions, audit: bool = False) -> ScoreSensorRecords:
@@ -74,7 +74,7 @@ def build_file_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions) -> 
     path emits them; until then file mode writes no drift file.
     """
     records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(opts.input_files, opts.wire_format)
-    messages = records | "ScoreRecords" >> scoring_transform(opts)
+    _, messages = records | "ScoreRecords" >> scoring_transform(opts)
     scores, dead_letters = messages | "ByStream" >> beam.Partition(lambda m, _: STREAMS.index(m.stream), len(STREAMS))
     _ = scores | "WriteScores" >> WriteAvroFiles(f"{opts.output_dir}/scores", SCORE, opts.wire_format)
     _ = dead_letters | "WriteDeadLetters" >> WriteAvroFiles(

@@ -18,6 +18,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from models.drift_reference import SCORE_FEATURE, build_reference
 from schemas.serde import DRIFT, EVENT, RETRAIN, SCORE, AvroDecoder, AvroEncoder
+from transforms.decode import DecodeEvents
 from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, ComputeDrift
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.kafka_source import KafkaRecord
@@ -75,7 +76,8 @@ def run_drift(windows: int, shift_from_window: int, check_statistics, check_trig
         mixed = p | stream(windows, shift_from_window)
         records = mixed | "Records" >> beam.Filter(lambda x: isinstance(x, KafkaRecord))
         scores = mixed | "Scores" >> beam.Filter(lambda x: isinstance(x, OutgoingMessage))
-        readings, score_drift = (records, scores) | ComputeDrift(REFERENCE, window_s=60, retrain_after_windows=2,
+        events = records | DecodeEvents()
+        readings, score_drift = (events, scores) | ComputeDrift(REFERENCE, window_s=60, retrain_after_windows=2,
                                                                live=live)
         statistics = (readings | "R" >> decoded(DRIFT_STREAM), score_drift | "S" >> decoded(DRIFT_STREAM))
         triggers = (readings | "RT" >> decoded(RETRAIN_STREAM), score_drift | "ST" >> decoded(RETRAIN_STREAM))

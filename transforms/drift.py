@@ -1,8 +1,8 @@
 """Drift statistics per event-time window, fleet-wide, and retrain triggers.
 
-Valid input events give one value per reading (None when the reading is
-missing; the records are decoded again here, so the scoring path stays one
-chain); score messages give the ``__score__`` value. Values are grouped into
+Valid events of the scoring path's decode step give one value per reading
+(None when the reading is missing), with device ids already pseudonymised
+where the job does that; score messages give the ``__score__`` value. Values are grouped into
 fixed event-time windows per feature as a
 :class:`~transforms.drift_stats.WindowSummary` (bin counts and per-device
 moments: bounded memory, exact merges). When a window closes, each feature
@@ -44,7 +44,6 @@ below the training reference, measured in tests/test_drift_job.py).
 
 from __future__ import annotations
 
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional, Tuple
@@ -56,11 +55,10 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindows, Timestamp
 from apache_beam.utils.timestamp import Timestamp
 
 from models.drift_reference import SCORE_FEATURE, DriftReference
-from schemas.serde import DRIFT, EVENT, RETRAIN, SCORE, AvroDecoder, AvroEncoder, SerdeError
-from transforms.decode import ValidationRules, validation_error
+from schemas.serde import DRIFT, RETRAIN, SCORE, AvroDecoder, AvroEncoder
+from transforms.decode import ValidEvent
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
 from transforms.kafka_sink import SCORES, OutgoingMessage
-from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import partition_key
 
 _METRICS = "drift"
@@ -81,32 +79,24 @@ class FeatureValue(NamedTuple):
 
 
 class _ReadingValuesFn(beam.DoFn):
-    """KafkaRecord -> one (feature, FeatureValue) per reference reading of a valid event, at its event time.
+    """(key, ValidEvent | Rejected) -> one (feature, FeatureValue) per reference reading of a valid event.
 
-    It decodes and validates with the scoring path's own decoder and rules
-    but counts nothing: rejected records are the scoring path's to report.
+    It reads DecodeEvents' output, so events are decoded and validated once;
+    rejected records are the scoring path's to report.
     """
 
-    def __init__(self, features: tuple[str, ...], wire_format: str, rules: ValidationRules):
+    def __init__(self, features: tuple[str, ...]):
         self._features = features
-        self._wire_format = wire_format
-        self._rules = rules
 
-    def setup(self) -> None:
-        self._decode = AvroDecoder(EVENT, self._wire_format)
-
-    def process(self, record: KafkaRecord) -> Iterator[TimestampedValue]:
-        try:
-            event = self._decode(record.value)
-        except SerdeError:
+    def process(self, element: tuple[str, Any]) -> Iterator[TimestampedValue]:
+        _, event = element
+        if not isinstance(event, ValidEvent):
             return
-        if validation_error(event, self._rules, int(time.time() * 1000)):
-            return
-        partition = partition_key(record.topic, record.partition)
-        timestamp = Timestamp.of(event["event_time"] / 1000)
+        partition = partition_key(event.source.topic, event.source.partition)
+        timestamp = Timestamp.of(event.event_time / 1000)
         for feature in self._features:
-            value = FeatureValue(feature, event["event_time"], event["device_id"], event["readings"].get(feature),
-                                 partition, record.watermark_ms)
+            value = FeatureValue(feature, event.event_time, event.device_id, event.readings.get(feature),
+                                 partition, event.watermark_ms)
             yield TimestampedValue((feature, value), timestamp)
 
 
@@ -358,7 +348,7 @@ class _LiveWindowsFn(beam.DoFn):
 
 
 class ComputeDrift(beam.PTransform):
-    """(input KafkaRecords, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
+    """(DecodeEvents' output, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
 
     Two branches and no Flatten: each ends in its own sink (see
     transforms/kafka_sink.py on Flatten in the in-process runner). ``live``:
@@ -367,8 +357,7 @@ class ComputeDrift(beam.PTransform):
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
-                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain",
-                 rules: ValidationRules = ValidationRules(), live: bool = False):
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False):
         super().__init__()
         self._reference = reference
         self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
@@ -376,7 +365,6 @@ class ComputeDrift(beam.PTransform):
         self._retrain_after = retrain_after_windows
         self._thresholds = thresholds
         self._wire_format = wire_format
-        self._rules = rules
         self._live = live
 
     def _drift(self, retrain_after: int) -> beam.PTransform:
@@ -387,10 +375,10 @@ class ComputeDrift(beam.PTransform):
         return _WindowedDrift(self._reference, self._window_s, records)
 
     def expand(self, inputs):
-        records, messages = inputs
+        decoded, messages = inputs
         readings = (
-            records
-            | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings, self._wire_format, self._rules))
+            decoded
+            | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings))
             | "ReadingDrift" >> self._drift(self._retrain_after)
         )
         scores = (

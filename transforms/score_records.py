@@ -11,7 +11,11 @@ from transforms.scoring import ScoreEvents
 
 
 class ScoreSensorRecords(beam.PTransform):
-    """KafkaRecords in; score and dead-letter OutgoingMessages out, as one stream.
+    """KafkaRecords in; (decoded events, score and dead-letter OutgoingMessages) out.
+
+    The decoded events (DecodeEvents' keyed stream) are returned too, so a
+    branch such as drift reads each event decoded once; the messages are one
+    stream.
 
     decode + validate (keyed by device) -> per-device state -> RunInference ->
     SensorScore; rejected records ride along to become dead letters. Every
@@ -34,13 +38,14 @@ class ScoreSensorRecords(beam.PTransform):
         self._pseudonymize_key_env = pseudonymize_key_env
         self._audit = audit
 
-    def expand(self, records) -> beam.PCollection[OutgoingMessage]:
-        return (
-            records
-            | "Decode" >> DecodeEvents(self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env)
+    def expand(self, records) -> tuple[beam.PCollection, beam.PCollection[OutgoingMessage]]:
+        decoded = records | "Decode" >> DecodeEvents(self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env)
+        messages = (
+            decoded
             | "DeviceState" >> beam.ParDo(
                 DeviceStateDoFn(self._model_dir, self._state_ttl_s, self._calibration_events, self._quantize))
             | "Score" >> ScoreEvents(self._model_dir, max_batch_size=self._max_batch_size,
                                      wire_format=self._wire_format, device=self._inference_device,
                                      audit=self._audit)
         )
+        return decoded, messages
