@@ -121,7 +121,7 @@ def replay_scores(artifact: ModelArtifact, sequences: Mapping[str, Sequence[dict
     for events in sequences.values():
         state = None
         for event in events:
-            step = logic.on_event(state, _millis(event["event_time"]), event["readings"], "reference")
+            step = logic.on_event(state, event["event_time"], event["readings"], "reference")
             state = step.state
             if not step.calibrating:
                 inputs.append(step.model_input)
@@ -156,10 +156,6 @@ def _recorded_sequences(paths: Iterable[Path]) -> dict[str, list[dict]]:
     from models.train import read_device_sequences
 
     return read_device_sequences(list(paths))
-
-
-def _millis(value) -> int:
-    return value if isinstance(value, int) else int(value.timestamp() * 1000)
 
 
 def main(argv: list[str] | None = None) -> None:

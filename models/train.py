@@ -32,11 +32,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
-import fastavro
 import numpy as np
 import torch
 from torch import nn
 
+from beam_jobs.recordings import read_events
 from models.artifact import ModelArtifact, save_artifact
 from models.detector import PostProcessing
 from models.drift_reference import reference_from_events, save_reference
@@ -49,19 +49,13 @@ LEARNING_RATE = 1e-2
 
 
 def read_device_sequences(paths: Sequence[Path]) -> dict[str, list[dict]]:
-    """SensorEvent records per device, in event-time order."""
+    """SensorEvent records per device, in event-time order (event_time as exact int millis, current schema)."""
     per_device: dict[str, list[dict]] = defaultdict(list)
-    for path in paths:
-        with open(path, "rb") as f:
-            for record in fastavro.reader(f):
-                per_device[record["device_id"]].append(record)
+    for event in read_events(paths):
+        per_device[event["device_id"]].append(event)
     for events in per_device.values():
-        events.sort(key=lambda e: _millis(e["event_time"]))
+        events.sort(key=lambda e: e["event_time"])
     return dict(sorted(per_device.items()))
-
-
-def _millis(value) -> int:
-    return value if isinstance(value, int) else int(value.timestamp() * 1000)
 
 
 def fingerprint(sequences: dict[str, list[dict]]) -> str:
@@ -74,7 +68,7 @@ def fingerprint(sequences: dict[str, list[dict]]) -> str:
     for device, events in sequences.items():
         for e in events:
             readings = sorted((k, v) for k, v in e["readings"].items())
-            digest.update(repr((device, e["event_id"], _millis(e["event_time"]), readings)).encode())
+            digest.update(repr((device, e["event_id"], e["event_time"], readings)).encode())
     return digest.hexdigest()
 
 

@@ -152,7 +152,3 @@ class DecodeEvents(beam.PTransform):
         decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env)
         return records | "DecodeValidate" >> beam.ParDo(decode).with_output_types(Tuple[str, Any])
 
-
-def is_valid(element: tuple[str, Any]) -> bool:
-    """For branches that only want the valid events of DecodeEvents' output."""
-    return isinstance(element[1], ValidEvent)
