@@ -76,10 +76,13 @@ class _ProduceFn(beam.DoFn):
         if not self._pending:
             return
         self._producer.flush()
+        sources_by_stream: dict[str, list[Optional[SourcePosition]]] = {}
         for stream, future, source in self._pending:
             future.get(timeout=0)  # raises the send's error: the bundle is retried
-            self._written[stream].inc()
-            for latency in LIVE.written(stream, (source,)):
+            sources_by_stream.setdefault(stream, []).append(source)
+        for stream, sources in sources_by_stream.items():
+            self._written[stream].inc(len(sources))
+            for latency in LIVE.written(stream, sources):
                 self._latency.update(latency)
         for key, spans in compact_spans(self._positions).items():
             yield WindowedValue((key, spans), self._earliest, [GlobalWindow()])
