@@ -13,7 +13,8 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
-from models.artifact import BUNDLED_MODEL_DIR, QUANTIZE_CHOICES
+from models.artifact import BUNDLED, QUANTIZE_CHOICES
+from models.rollout import RolloutConfig
 from schemas.serde import WIRE_FORMATS
 from transforms.kafka_client import (
     SASL_MECHANISMS,
@@ -51,8 +52,10 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         choices=WIRE_FORMATS, default="plain",
         help="plain schemaless Avro (default), or confluent framing with ids from schemas/registry.json")),
     ("Model", "--model_dir", dict(
-        default=str(BUNDLED_MODEL_DIR),
-        help="model artifact folder written by python -m models.train (default: the bundled model)")),
+        default=BUNDLED,
+        help="the primary model: an artifact folder written by python -m models.train, a symlink to one, or a "
+             "registry folder whose newest artifact subfolder serves; watched for new artifacts (--model_poll_s). "
+             "'bundled' (default) is the model shipped in the package, found on each worker")),
     ("Model", "--state_ttl_s", dict(
         type=float, default=600.0,
         help="event-time gap after which a device's state is reset and its memory reclaimed (default 600)")),
@@ -67,6 +70,22 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         type=int, default=256, help="largest RunInference batch across devices (default 256)")),
     ("Model", "--inference_device", dict(
         choices=("CPU", "GPU"), default="CPU", help="where RunInference runs the scoring head (default CPU)")),
+    ("Model rollout", "--model_poll_s", dict(
+        type=float, default=10.0,
+        help="seconds between checks of the model folders for a new artifact, which then serves without a "
+             "restart; device state is kept or reset by the rules in models/rollout.py (default 10; 0: load once)")),
+    ("Model rollout", "--canary_model_dir", dict(
+        default=None, help="a canary model that decides for --canary_percent of the devices (default: none)")),
+    ("Model rollout", "--canary_percent", dict(
+        type=float, default=0.0,
+        help="percent of devices, picked by a stable hash of device_id, that the canary serves (default 0)")),
+    ("Model rollout", "--shadow_model_dir", dict(
+        default=None,
+        help="a shadow model that scores every event too, to --shadow_score_topic (file mode: shadow-scores-*.avro); "
+             "it never decides anything (default: none)")),
+    ("Model rollout", "--shadow_score_topic", dict(
+        default="sensor-scores-shadow", help="topic for the shadow model's SensorScore records "
+                                             "(default sensor-scores-shadow)")),
     ("Drift", "--retrain_topic", dict(
         default="sensor-retrain", help="topic for RetrainTrigger records (default sensor-retrain)")),
     ("Drift", "--drift_window_s", dict(
@@ -164,6 +183,15 @@ def kafka_config(opts: SensorScoringOptions) -> KafkaConfig:
         sasl_password_env=opts.sasl_password_env,
     )
     return KafkaConfig(opts.bootstrap_servers, security=security)
+
+
+def rollout_config(opts: SensorScoringOptions) -> RolloutConfig:
+    """Which models serve, from the options; checked at launch with RolloutConfig.check."""
+    return RolloutConfig(
+        model_dir=opts.model_dir, calibration_events=opts.calibration_events, quantize=opts.quantize,
+        poll_s=opts.model_poll_s, canary_model_dir=opts.canary_model_dir, canary_percent=opts.canary_percent,
+        shadow_model_dir=opts.shadow_model_dir,
+    )
 
 
 def help_parser(prog: str, description: str) -> argparse.ArgumentParser:

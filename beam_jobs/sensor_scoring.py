@@ -25,14 +25,15 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_jobs.drift_output import write_drift
 from beam_jobs.monitor import Monitor
-from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config
+from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
 from beam_jobs.recordings import RecordingError
-from models.artifact import ModelArtifactError, load_artifact
+from models.artifact import ModelArtifactError
+from models.rollout import RolloutError
 from schemas.serde import DEAD_LETTER, SCORE
-from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
 from transforms.audit import AUDIT
+from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
 from transforms.kafka_client import BrokerUnavailable, KafkaSecurityError, ensure_topics, resolve_partitions
-from transforms.kafka_sink import DEAD_LETTERS, SCORES, STREAMS, WriteToKafka
+from transforms.kafka_sink import DEAD_LETTERS, SCORES, SHADOW_SCORES, STREAMS, WriteToKafka
 from transforms.kafka_source import ReadFromKafkaPartitions, request_drain
 from transforms.offset_commits import CommitOffsets
 from transforms.pseudonymize import PseudonymizeKeyMissing, pseudonymizer_from_env
@@ -49,6 +50,8 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
     if opts.audit_topic:
         topics[AUDIT] = opts.audit_topic
+    if opts.shadow_model_dir:
+        topics[SHADOW_SCORES] = opts.shadow_score_topic
     _ = (
         messages
         | "Write" >> WriteToKafka(config, topics)
@@ -60,9 +63,9 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
 def scoring_transform(opts: SensorScoringOptions, audit: bool = False) -> ScoreSensorRecords:
     """The scoring path both modes run, configured from the options; audit records only to Kafka."""
     return ScoreSensorRecords(
-        model_dir=opts.model_dir, state_ttl_s=opts.state_ttl_s, calibration_events=opts.calibration_events,
-        max_batch_size=opts.max_batch_size, wire_format=opts.wire_format, inference_device=opts.inference_device,
-        quantize=opts.quantize, pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit,
+        rollout=rollout_config(opts), state_ttl_s=opts.state_ttl_s, max_batch_size=opts.max_batch_size,
+        wire_format=opts.wire_format, inference_device=opts.inference_device,
+        pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit,
     )
 
 
@@ -75,10 +78,14 @@ def build_file_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions) -> 
     """
     records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(opts.input_files, opts.wire_format)
     _, messages = records | "ScoreRecords" >> scoring_transform(opts)
-    scores, dead_letters = messages | "ByStream" >> beam.Partition(lambda m, _: STREAMS.index(m.stream), len(STREAMS))
+    scores, dead_letters, shadow_scores = messages | "ByStream" >> beam.Partition(
+        lambda m, _: STREAMS.index(m.stream), len(STREAMS))
     _ = scores | "WriteScores" >> WriteAvroFiles(f"{opts.output_dir}/scores", SCORE, opts.wire_format)
     _ = dead_letters | "WriteDeadLetters" >> WriteAvroFiles(
         f"{opts.output_dir}/dead-letters", DEAD_LETTER, opts.wire_format)
+    if opts.shadow_model_dir:
+        _ = shadow_scores | "WriteShadowScores" >> WriteAvroFiles(
+            f"{opts.output_dir}/shadow-scores", SCORE, opts.wire_format)
 
 
 def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
@@ -86,7 +93,7 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
     opts = options.view_as(SensorScoringOptions)
     if not opts.output_dir:
         raise RecordingError("--input_files needs --output_dir, the folder the Avro outputs go to")
-    load_artifact(opts.model_dir)
+    rollout_config(opts).check()
     options.view_as(StandardOptions).streaming = False
     pipeline = beam.Pipeline(options=options)
     build_file_pipeline(pipeline, opts)
@@ -97,12 +104,14 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
 
 
 def prepare(opts: SensorScoringOptions):
-    """Checks the model and the broker before anything runs; returns the partitions to read."""
-    load_artifact(opts.model_dir)
+    """Checks the models and the broker before anything runs; returns the partitions to read."""
+    rollout_config(opts).check()
     pseudonymizer_from_env(opts.pseudonymize_key_env)  # a missing key stops the launch, not the workers
     config = kafka_config(opts)
     topics = [opts.input_topic, opts.score_topic, opts.drift_topic, opts.retrain_topic, opts.dead_letter_topic]
-    ensure_topics(config, topics + ([opts.audit_topic] if opts.audit_topic else []),
+    topics += [opts.audit_topic] if opts.audit_topic else []
+    topics += [opts.shadow_score_topic] if opts.shadow_model_dir else []
+    ensure_topics(config, topics,
                   partitions=opts.topic_partitions, timeout_s=opts.startup_timeout_s)
     return resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
 
@@ -161,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     _drain_on_signals()
     try:
         run(argv)
-    except (BrokerUnavailable, ModelArtifactError, RecordingError, KafkaSecurityError, PseudonymizeKeyMissing) as e:
+    except (BrokerUnavailable, ModelArtifactError, RolloutError, RecordingError, KafkaSecurityError,
+            PseudonymizeKeyMissing) as e:
         _LOG.error("%s", e)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -36,7 +36,7 @@ PARTITIONS = 4
 
 def state_sizes(calibration_events: int, events: int) -> list[int]:
     """Pickled bytes of one device's state after each of `events` events."""
-    logic = DeviceLogic(cached_artifact(str(BUNDLED_MODEL_DIR)), 600_000, calibration_events)
+    logic = DeviceLogic.for_artifact(cached_artifact(str(BUNDLED_MODEL_DIR)), 600_000, calibration_events)
     state, sizes = None, []
     for i in range(events):
         readings = {f: 50.0 + (i % 5) for f in FEATURES}

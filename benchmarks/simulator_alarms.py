@@ -68,7 +68,7 @@ def count_alarms(artifact: ModelArtifact, config: SimulatorConfig, steps: int, c
     """Scores `steps` simulated steps of every device the way the job does and counts alarms against labels."""
     from transforms.device_state import DeviceLogic  # imports Beam; late, so --help stays quick
 
-    logic = DeviceLogic(artifact, state_ttl_ms=2**62, calibration_events=calibration_events)
+    logic = DeviceLogic.for_artifact(artifact, state_ttl_ms=2**62, calibration_events=calibration_events)
     tail = artifact.post_processing.ewma_span
     states, since_fault = {}, {}
     rows, labels, in_tail = [], [], []

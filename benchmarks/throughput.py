@@ -129,7 +129,7 @@ def reference_loop(bootstrap: str, model_dir: str, calibration_events: int, stat
     """The plain single-process loop: the job's work without Beam."""
     config = KafkaConfig(bootstrap)
     artifact = load_artifact(model_dir)
-    logic = DeviceLogic(artifact, int(state_ttl_s * 1000), calibration_events)
+    logic = DeviceLogic.for_artifact(artifact, int(state_ttl_s * 1000), calibration_events)
     head = artifact.head()
     decode, encode = AvroDecoder(EVENT), AvroEncoder(SCORE)
     rules = ValidationRules()
@@ -155,7 +155,7 @@ def reference_loop(bootstrap: str, model_dir: str, calibration_events: int, stat
                 valid = ValidEvent(event["event_id"], event["device_id"], event["event_time"], event["readings"],
                                    SourcePosition(tp.topic, tp.partition, record.offset, record.offset),
                                    record.timestamp, record.key, record.value)
-                contexts.append((event, ScoringContext(valid, step.imputed, step.calibrating)))
+                contexts.append((event, ScoringContext(valid, step.imputed, step.calibrating, step.steps[0].model)))
                 rows.append(step.model_input)
             if not rows:
                 continue
@@ -163,8 +163,7 @@ def reference_loop(bootstrap: str, model_dir: str, calibration_events: int, stat
                 outputs = head(torch.from_numpy(np.stack(rows))).numpy()
             now = int(time.time() * 1000)
             for (event, context), output in zip(contexts, outputs):
-                score = score_record(context, output.tolist(), artifact.features, artifact.threshold,
-                                     artifact.version, now)
+                score = score_record(context, output.tolist(), now)
                 producer.send(LOOP_SCORES, key=event["device_id"].encode(), value=encode(score),
                               timestamp_ms=event["event_time"])
     producer.flush()

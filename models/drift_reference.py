@@ -27,7 +27,7 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-from models.artifact import ModelArtifact, load_artifact
+from models.artifact import ModelArtifact, load_artifact, resolve_model_dir
 from models.preprocessing import readings_vector
 
 REFERENCE_FILE = "drift_reference.json"
@@ -102,7 +102,7 @@ def save_reference(folder: Path, reference: DriftReference) -> Path:
 
 def load_reference(folder: str | Path) -> DriftReference | None:
     """The artifact's reference, or None for artifacts written before drift statistics existed."""
-    path = Path(folder) / REFERENCE_FILE
+    path = resolve_model_dir(folder) / REFERENCE_FILE
     if not path.is_file():
         return None
     spec = json.loads(path.read_text(encoding="utf-8"))
@@ -116,7 +116,7 @@ def replay_scores(artifact: ModelArtifact, sequences: Mapping[str, Sequence[dict
     """The scores the job gives each device's events after calibration, in the job's own code path."""
     from transforms.device_state import DeviceLogic  # the job's per-device logic; imported late (it imports Beam)
 
-    logic = DeviceLogic(artifact, state_ttl_ms=2**62, calibration_events=calibration_events)
+    logic = DeviceLogic.for_artifact(artifact, state_ttl_ms=2**62, calibration_events=calibration_events)
     inputs = []
     for events in sequences.values():
         state = None

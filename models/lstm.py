@@ -83,14 +83,14 @@ class ScoringHead(nn.Module):
     the device's calibrated alarm level; a reading's contribution is its share
     of the summed evidence, so contributions add up to 1 and an imputed reading
     (observed = 0) has none. A zero alarm level (still calibrating) scores 0.
+
+    It has no weights and reads the number of features off the row width, so
+    one head serves every model version and role in RunInference.
     """
 
-    def __init__(self, n_features: int):
-        super().__init__()
-        self.n_features = n_features
-
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        evidence, observed, level = torch.split(rows, [self.n_features, self.n_features, 1], dim=-1)
+        n_features = (rows.shape[-1] - 1) // 2
+        evidence, observed, level = torch.split(rows, [n_features, n_features, 1], dim=-1)
         evidence = evidence * observed
         score = torch.where(level > 0, evidence.amax(dim=-1, keepdim=True) / level.clamp(min=1e-12), 0.0)
         total = evidence.sum(dim=-1, keepdim=True)

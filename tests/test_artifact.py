@@ -17,7 +17,6 @@ import torch
 
 from models.artifact import FORMAT_VERSION, ModelArtifactError, load_artifact
 from models.detector import PostProcessing
-
 from models.train import fingerprint, read_device_sequences, train
 from schemas.serde import EVENT, current_schema
 
@@ -96,7 +95,7 @@ def test_load_artifact_round_trips_what_training_wrote(trained):
     training = spec["training"]
     assert training["events"] == DEVICES * EVENTS_PER_DEVICE and training["devices"] == DEVICES
     assert training["files"] == [recording.name] and training["calibration_events"] == CALIBRATION
-    assert artifact.head_params() == {"n_features": 3}
+    assert artifact.head()(torch.zeros(2, 2 * len(FEATURES) + 1)).shape == (2, 1 + len(FEATURES))
     model = artifact.forecaster()
     assert torch.all((model.ar >= 0) & (model.ar <= 1)) and torch.all(model.residual_scale > 0)
     assert artifact.version in (first / "MODEL_CARD.md").read_text()

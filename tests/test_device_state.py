@@ -11,6 +11,7 @@ from apache_beam.testing.test_stream import TestStream as EventStream
 from apache_beam.transforms.window import TimestampedValue
 
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
+from models.rollout import RolloutConfig
 from transforms.decode import ValidEvent
 from transforms.device_state import DeviceLogic, DeviceStateDoFn
 from transforms.offset_commits import SourcePosition
@@ -18,6 +19,7 @@ from transforms.offset_commits import SourcePosition
 TTL_S = 10
 CALIBRATION = 3
 ARTIFACT = load_artifact(BUNDLED_MODEL_DIR)
+ROLLOUT = RolloutConfig(str(BUNDLED_MODEL_DIR), calibration_events=CALIBRATION)
 N = len(ARTIFACT.features)
 
 
@@ -28,7 +30,7 @@ def event(device: str, t_ms: int, offset: int, source_watermark_ms: int | None =
 
 
 def logic() -> DeviceLogic:
-    return DeviceLogic(ARTIFACT, TTL_S * 1000, calibration_events=CALIBRATION)
+    return DeviceLogic.for_artifact(ARTIFACT, TTL_S * 1000, calibration_events=CALIBRATION)
 
 
 def run_steps(events: list[ValidEvent]) -> list:
@@ -98,7 +100,7 @@ def _model_inputs(stream: EventStream) -> dict:
             pipeline
             | stream
             | beam.Map(lambda e: (e.device_id, e)).with_output_types(Tuple[str, Any])
-            | beam.ParDo(DeviceStateDoFn(str(BUNDLED_MODEL_DIR), TTL_S, calibration_events=CALIBRATION))
+            | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S))
             | beam.ParDo(_KeepModelInputs())
         )
     return dict(_KeepModelInputs.seen)
@@ -147,7 +149,7 @@ def _live_devices_after(events: list[ValidEvent]) -> int:
     pipeline = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
     _ = (pipeline
          | beam.Create([(e.device_id, e) for e in events]).with_output_types(Tuple[str, Any])
-         | beam.ParDo(DeviceStateDoFn(str(BUNDLED_MODEL_DIR), TTL_S, calibration_events=CALIBRATION)))
+         | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S)))
     result = pipeline.run()
     result.wait_until_finish()
     query = beam.metrics.MetricsFilter().with_name("devices_with_live_state")

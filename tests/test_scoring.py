@@ -8,6 +8,7 @@ import torch
 from apache_beam.testing.util import assert_that, equal_to
 
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
+from models.rollout import PRIMARY, ServedModel
 from schemas.serde import DEAD_LETTER, SCORE, AvroDecoder
 from transforms.dead_letters import dead_letter
 from transforms.decode import ValidEvent
@@ -19,12 +20,13 @@ from transforms.scoring import ScoreEvents
 ARTIFACT = load_artifact(BUNDLED_MODEL_DIR)
 N = len(ARTIFACT.features)
 WIDTH = 2 * N + 1  # [evidence, observed, alarm level]
+PRIMARY_MODEL = ServedModel(PRIMARY, ARTIFACT.version, ARTIFACT.features, ARTIFACT.threshold)
 
 
 def context(i: int, calibrating: bool = False) -> ScoringContext:
     event = ValidEvent(f"e{i}", f"d{i % 3}", 1_750_000_000_000 + i, {}, SourcePosition("in", 0, i, i), 0,
                        b"key", b"value%d" % i)
-    return ScoringContext(event, (ARTIFACT.features[0],), calibrating)
+    return ScoringContext(event, (ARTIFACT.features[0],), calibrating, PRIMARY_MODEL)
 
 
 def model_input(seed: int, observed_first: bool = False) -> torch.Tensor:
@@ -54,7 +56,7 @@ def test_every_input_yields_one_score_equal_to_the_head_output():
             assert score["imputed"] == [ARTIFACT.features[0]] and score["model_version"] == ARTIFACT.version
 
     with beam.Pipeline() as pipeline:
-        messages = pipeline | beam.Create(inputs) | ScoreEvents(str(BUNDLED_MODEL_DIR), max_batch_size=4)
+        messages = pipeline | beam.Create(inputs) | ScoreEvents(max_batch_size=4)
         assert_that(messages, check, label="scores")
         assert_that(messages | beam.Map(lambda m: m.stream), equal_to([SCORES] * 10), label="all scores")
 
@@ -73,7 +75,7 @@ def test_failed_batches_and_rejected_records_become_dead_letters_with_the_origin
 
     with beam.Pipeline() as pipeline:
         messages = (pipeline | beam.Create(good + broken + [(rejected, None)])
-                    | ScoreEvents(str(BUNDLED_MODEL_DIR), max_batch_size=1))
+                    | ScoreEvents(max_batch_size=1))
         scores = messages | "Scores" >> beam.Filter(lambda m: m.stream == SCORES)
         dead = messages | "Dead" >> beam.Filter(lambda m: m.stream == DEAD_LETTERS)
         assert_that(scores | beam.Map(decode_id), equal_to(["e0", "e1", "e2"]), label="scores")

@@ -3,7 +3,11 @@
 :class:`DeviceLogic` is the whole behaviour as a plain class, testable without
 a pipeline; :class:`DeviceStateDoFn` only adapts it to Beam state and timers.
 The detector maths is :class:`models.detector.DeviceDetector`; why all of it
-runs here and only the read-out in RunInference is explained there.
+runs here and only the read-out in RunInference is explained there. Which
+models serve a device (primary or canary, and a shadow), how they are swapped
+without a restart, and when a device's state survives a swap is
+:mod:`models.rollout`: the device keeps a detector state per model it is
+served by, and each event yields one model input per serving model.
 
 Ordering and lateness policy (documented in the README):
 
@@ -36,9 +40,10 @@ from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
 from apache_beam.utils.timestamp import Timestamp
 
-from models.artifact import ModelArtifact, cached_artifact
-from models.detector import DetectorState, DeviceDetector
+from models.artifact import ModelArtifact
+from models.detector import DetectorState
 from models.preprocessing import readings_vector
+from models.rollout import ModelSource, RolloutConfig, ServedModel, ServingModel, fixed_models, watch_models
 from transforms.dead_letters import Rejected
 from transforms.decode import ValidEvent
 
@@ -53,12 +58,12 @@ _SOURCE_WATERMARKS: dict[str, dict[str, int]] = {}
 
 
 class DeviceState:
-    """Everything kept for one device between its events."""
+    """Everything kept for one device between its events; detector states by model state signature."""
 
-    __slots__ = ("detector", "last_event_time", "partition", "rearms")
+    __slots__ = ("detectors", "last_event_time", "partition", "rearms")
 
-    def __init__(self, detector: DetectorState):
-        self.detector = detector
+    def __init__(self):
+        self.detectors: dict[str, DetectorState] = {}
         self.last_event_time = -1
         self.partition = ""
         self.rearms = 0
@@ -77,45 +82,83 @@ class ScoringContext(NamedTuple):
     event: ValidEvent
     imputed: tuple[str, ...]
     calibrating: bool
+    model: ServedModel
+
+
+class ModelStep(NamedTuple):
+    """One serving model's part of an event."""
+
+    model: ServedModel
+    model_input: np.ndarray  # [evidence, observed, alarm level]: the ScoringHead's row
+    imputed: tuple[str, ...]
+    calibrating: bool
 
 
 class StepResult(NamedTuple):
     state: DeviceState
-    model_input: np.ndarray  # [evidence, observed, alarm level]: the ScoringHead's row
-    imputed: tuple[str, ...]
-    calibrating: bool
+    steps: tuple[ModelStep, ...]  # the deciding model's first, then the shadow's
     reset: bool
     in_order: bool
+
+    @property
+    def model_input(self) -> np.ndarray:
+        return self.steps[0].model_input
+
+    @property
+    def calibrating(self) -> bool:
+        return self.steps[0].calibrating
+
+    @property
+    def imputed(self) -> tuple[str, ...]:
+        return self.steps[0].imputed
 
 
 class DeviceLogic:
     """One device's life: on_event, expires_at, may_clear."""
 
-    def __init__(self, artifact: ModelArtifact, state_ttl_ms: int, calibration_events: int, quantize: str = "none"):
-        self.features = artifact.features
-        scale = artifact.forecaster().residual_scale.numpy()
-        self._detector = DeviceDetector(artifact.step(quantize), scale, artifact.post_processing, calibration_events)
+    def __init__(self, models: ModelSource, state_ttl_ms: int):
+        self._models = models
         self.state_ttl_ms = state_ttl_ms
 
-    def new_state(self) -> DeviceState:
-        return DeviceState(self._detector.new_state())
+    @classmethod
+    def for_artifact(cls, artifact: ModelArtifact, state_ttl_ms: int, calibration_events: int,
+                     quantize: str = "none") -> "DeviceLogic":
+        """One fixed model: offline tools, benchmarks, tests."""
+        return cls(fixed_models(artifact, calibration_events, quantize), state_ttl_ms)
 
-    def on_event(self, state: Optional[DeviceState], event_time: int, readings: dict, partition: str) -> StepResult:
-        """Prepares the event's model input and advances the state by one step."""
+    def on_event(self, state: Optional[DeviceState], event_time: int, readings: dict, partition: str,
+                 device_id: str = "") -> StepResult:
+        """Prepares the event's model inputs and advances the state by one step."""
         reset = state is not None and event_time - state.last_event_time >= self.state_ttl_ms
         if state is None or reset:
-            state = self.new_state()
-        values = readings_vector(readings, self.features)
-        imputed = tuple(name for name, v in zip(self.features, values) if np.isnan(v))
+            state = DeviceState()
         in_order = event_time >= state.last_event_time
-        # An out-of-order event works on a throwaway copy: the real state stays untouched.
-        detector_state = state.detector if in_order else copy.deepcopy(state.detector)
-        model_input, calibrating = self._detector.update(detector_state, values)
+        stepped: dict[str, tuple[DetectorState, np.ndarray, bool]] = {}
+        steps = tuple(self._step(serving, state, stepped, readings, in_order)
+                      for serving in self._models().models_for(device_id))
         if in_order:
+            # States of models that no longer serve the device are dropped here.
+            state.detectors = {signature: detector for signature, (detector, _, _) in stepped.items()}
             state.last_event_time = event_time
             state.partition = partition
             state.rearms = 0
-        return StepResult(state, model_input, imputed, calibrating, reset, in_order)
+        return StepResult(state, steps, reset, in_order)
+
+    @staticmethod
+    def _step(serving: ServingModel, state: DeviceState, stepped: dict[str, tuple[DetectorState, np.ndarray, bool]],
+              readings: dict, in_order: bool) -> ModelStep:
+        """Advances the serving model's detector state, once per event even when two roles share it."""
+        features = serving.served.features
+        values = readings_vector(readings, features)
+        imputed = tuple(name for name, v in zip(features, values) if np.isnan(v))
+        if serving.signature not in stepped:
+            detector_state = state.detectors.get(serving.signature) or serving.detector.new_state()
+            # An out-of-order event works on a throwaway copy: the real state stays untouched.
+            if not in_order:
+                detector_state = copy.deepcopy(detector_state)
+            stepped[serving.signature] = (detector_state, *serving.detector.update(detector_state, values))
+        _, model_input, calibrating = stepped[serving.signature]
+        return ModelStep(serving.served, model_input, imputed, calibrating)
 
     def expires_at(self, state: DeviceState) -> int:
         return state.last_event_time + self.state_ttl_ms
@@ -135,12 +178,10 @@ class DeviceStateDoFn(beam.DoFn):
     DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, model_dir: str, state_ttl_s: float, calibration_events: int, quantize: str = "none"):
+    def __init__(self, rollout: RolloutConfig, state_ttl_s: float):
         self._job_token = uuid.uuid4().hex
-        self._model_dir = model_dir
+        self._rollout = rollout
         self._state_ttl_ms = int(state_ttl_s * 1000)
-        self._calibration_events = calibration_events
-        self._quantize = quantize
         counter = beam.metrics.Metrics.counter
         self._events = counter(_METRICS, "events")
         self._out_of_order = counter(_METRICS, "out_of_order_events")
@@ -152,8 +193,7 @@ class DeviceStateDoFn(beam.DoFn):
         self._early_timers = counter(_METRICS, "early_timer_firings")
 
     def setup(self) -> None:
-        self._logic = DeviceLogic(cached_artifact(self._model_dir), self._state_ttl_ms, self._calibration_events,
-                                  self._quantize)
+        self._logic = DeviceLogic(watch_models(self._rollout), self._state_ttl_ms)
         self._source_watermarks = _SOURCE_WATERMARKS.setdefault(self._job_token, {})
 
     def process(
@@ -170,12 +210,14 @@ class DeviceStateDoFn(beam.DoFn):
         if event.watermark_ms > self._source_watermarks.get(partition, -1):
             self._source_watermarks[partition] = event.watermark_ms
         previous = device.read()
-        step = self._logic.on_event(previous, event.event_time, event.readings, partition)
+        step = self._logic.on_event(previous, event.event_time, event.readings, partition, event.device_id)
         device.write(step.state)
         self._count(previous, step)
         if step.in_order:
             expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
-        yield ScoringContext(event, step.imputed, step.calibrating), torch.from_numpy(step.model_input)
+        for model_step in step.steps:
+            context = ScoringContext(event, model_step.imputed, model_step.calibrating, model_step.model)
+            yield context, torch.from_numpy(model_step.model_input)
 
     def _count(self, previous: Optional[DeviceState], step: StepResult) -> None:
         self._events.inc()

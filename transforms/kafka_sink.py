@@ -1,6 +1,6 @@
 """Writes the job's messages to Kafka and reports which input records they cover.
 
-One sink writes every output stream (scores, dead letters), each to its own
+One sink writes every output stream (scores, dead letters, shadow scores), each to its own
 topic: the acknowledgements of all outputs must meet in one offset-commit
 step, and joining two sinks' outputs would need a Flatten, which the
 in-process runner holds back until the end of a streaming job.
@@ -28,7 +28,8 @@ _METRICS = "kafka_sink"
 
 SCORES = "scores"
 DEAD_LETTERS = "dead_letters"
-STREAMS = (SCORES, DEAD_LETTERS)
+SHADOW_SCORES = "shadow_scores"
+STREAMS = (SCORES, DEAD_LETTERS, SHADOW_SCORES)
 
 
 class OutgoingMessage(NamedTuple):

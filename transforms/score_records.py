@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import apache_beam as beam
 
+from models.rollout import RolloutConfig
 from transforms.decode import DecodeEvents
 from transforms.device_state import DeviceStateDoFn
 from transforms.kafka_sink import OutgoingMessage
@@ -19,22 +20,20 @@ class ScoreSensorRecords(beam.PTransform):
 
     decode + validate (keyed by device) -> per-device state -> RunInference ->
     SensorScore; rejected records ride along to become dead letters. Every
-    input record yields exactly one output message. One stream, because a
+    input record yields exactly one output message, plus its shadow score
+    when a shadow model runs (models/rollout.py). One stream, because a
     Flatten would hold streaming output back on the in-process runner (see
     transforms/kafka_sink.py).
     """
 
-    def __init__(self, *, model_dir: str, state_ttl_s: float, calibration_events: int, max_batch_size: int,
-                 wire_format: str = "plain", inference_device: str = "CPU", quantize: str = "none",
-                 pseudonymize_key_env: str | None = None, audit: bool = False):
+    def __init__(self, *, rollout: RolloutConfig, state_ttl_s: float, max_batch_size: int, wire_format: str = "plain",
+                 inference_device: str = "CPU", pseudonymize_key_env: str | None = None, audit: bool = False):
         super().__init__()
-        self._model_dir = model_dir
+        self._rollout = rollout
         self._state_ttl_s = state_ttl_s
-        self._calibration_events = calibration_events
         self._max_batch_size = max_batch_size
         self._wire_format = wire_format
         self._inference_device = inference_device
-        self._quantize = quantize
         self._pseudonymize_key_env = pseudonymize_key_env
         self._audit = audit
 
@@ -42,10 +41,8 @@ class ScoreSensorRecords(beam.PTransform):
         decoded = records | "Decode" >> DecodeEvents(self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env)
         messages = (
             decoded
-            | "DeviceState" >> beam.ParDo(
-                DeviceStateDoFn(self._model_dir, self._state_ttl_s, self._calibration_events, self._quantize))
-            | "Score" >> ScoreEvents(self._model_dir, max_batch_size=self._max_batch_size,
-                                     wire_format=self._wire_format, device=self._inference_device,
-                                     audit=self._audit)
+            | "DeviceState" >> beam.ParDo(DeviceStateDoFn(self._rollout, self._state_ttl_s))
+            | "Score" >> ScoreEvents(max_batch_size=self._max_batch_size, wire_format=self._wire_format,
+                                     device=self._inference_device, audit=self._audit)
         )
         return decoded, messages

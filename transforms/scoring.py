@@ -8,34 +8,33 @@ from typing import Any, Iterator, Sequence
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
-from models.artifact import cached_artifact
 from models.handler import scoring_model_handler
+from models.rollout import CANARY, PRIMARY, SHADOW
 from schemas.serde import AUDIT as AUDIT_RECORD
 from schemas.serde import DEAD_LETTER, SCORE, AvroEncoder
 from transforms.audit import AUDIT, audit_record
 from transforms.dead_letters import Rejected, dead_letter, dead_letter_message
 from transforms.device_state import ScoringContext
-from transforms.kafka_sink import SCORES, OutgoingMessage
+from transforms.kafka_sink import SCORES, SHADOW_SCORES, OutgoingMessage
 from transforms.live_stats import LIVE
 
 _METRICS = "scoring"
 STAGE_INFERENCE = "inference"
 
 
-def score_record(context: ScoringContext, output: list[float], features: tuple[str, ...], threshold: float,
-                 model_version: str, processed_at: int) -> dict:
+def score_record(context: ScoringContext, output: list[float], processed_at: int) -> dict:
     """The SensorScore of one event from the head's [score, contributions...] row."""
     score = float(output[0])
-    event = context.event
+    event, model = context.event, context.model
     return {
         "event_id": event.event_id,
         "device_id": event.device_id,
         "event_time": event.event_time,
         "score": score,
-        "threshold": threshold,
-        "is_anomaly": (not context.calibrating) and score > threshold,
-        "model_version": model_version,
-        "contributions": dict(zip(features, map(float, output[1:]))),
+        "threshold": model.threshold,
+        "is_anomaly": (not context.calibrating) and score > model.threshold,
+        "model_version": model.version,
+        "contributions": dict(zip(model.features, map(float, output[1:]))),
         "imputed": list(context.imputed),
         "processed_at": processed_at,
     }
@@ -49,6 +48,8 @@ class PassThroughModelHandler(ModelHandler):
     (Rejected, None). A batch whose inference raises comes back as
     (key, exception) for each of its events instead of failing the bundle:
     a failure output of its own would need a Flatten to reach the sink.
+    Rows of models with different feature counts (a canary or shadow) are
+    run as separate batches, since rows of one batch are stacked.
     """
 
     def __init__(self, base: ModelHandler):
@@ -59,16 +60,18 @@ class PassThroughModelHandler(ModelHandler):
         return self._base.load_model()
 
     def run_inference(self, batch: Sequence[tuple[Any, Any]], model, inference_args=None) -> list[tuple[Any, Any]]:
-        scored = [i for i, (_, example) in enumerate(batch) if example is not None]
+        by_width: dict[int, list[int]] = {}
+        for i, (_, example) in enumerate(batch):
+            if example is not None:
+                by_width.setdefault(example.shape[-1], []).append(i)
         results: list[tuple[Any, Any]] = list(batch)
-        if not scored:
-            return results
-        try:
-            predictions = list(self._base.run_inference([batch[i] for i in scored], model, inference_args))
-        except Exception as error:  # noqa: BLE001 - any model error becomes a dead letter
-            predictions = [(batch[i][0], error) for i in scored]
-        for i, prediction in zip(scored, predictions):
-            results[i] = prediction
+        for scored in by_width.values():
+            try:
+                predictions = list(self._base.run_inference([batch[i] for i in scored], model, inference_args))
+            except Exception as error:  # noqa: BLE001 - any model error becomes a dead letter
+                predictions = [(batch[i][0], error) for i in scored]
+            for i, prediction in zip(scored, predictions):
+                results[i] = prediction
         return results
 
     def get_num_bytes(self, batch: Sequence[tuple[Any, Any]]) -> int:
@@ -92,21 +95,25 @@ class PassThroughModelHandler(ModelHandler):
 
 
 class _ToMessagesFn(beam.DoFn):
-    """RunInference's results to score messages, and dead letters for rejected or failed events."""
+    """RunInference's results to score messages, and dead letters for rejected or failed events.
 
-    def __init__(self, model_dir: str, wire_format: str, audit: bool = False):
-        self._model_dir = model_dir
+    A shadow model's scores go to their own stream and touch nothing else:
+    no audit record, no live anomaly rate, no dead letter when its inference
+    fails (the deciding model's score answers for the record).
+    """
+
+    def __init__(self, wire_format: str, audit: bool = False):
         self._wire_format = wire_format
         self._audit = audit
-        self._anomalies = beam.metrics.Metrics.counter(_METRICS, "anomalies")
-        self._scores = beam.metrics.Metrics.counter(_METRICS, "scores")
-        self._failed = beam.metrics.Metrics.counter(_METRICS, "failed_inferences")
+        counter = beam.metrics.Metrics.counter
+        self._anomalies = counter(_METRICS, "anomalies")
+        self._scores = counter(_METRICS, "scores")
+        self._failed = counter(_METRICS, "failed_inferences")
+        self._by_role = {role: (counter(_METRICS, f"scores_{role}"), counter(_METRICS, f"anomalies_{role}"))
+                         for role in (PRIMARY, CANARY, SHADOW)}
+        self._shadow_failed = counter(_METRICS, "failed_inferences_shadow")
 
     def setup(self) -> None:
-        artifact = cached_artifact(self._model_dir)
-        self._features = artifact.features
-        self._threshold = artifact.threshold
-        self._version = artifact.version
         self._encode_score = AvroEncoder(SCORE, self._wire_format)
         self._encode_dead_letter = AvroEncoder(DEAD_LETTER, self._wire_format)
         self._encode_audit = AvroEncoder(AUDIT_RECORD, self._wire_format) if self._audit else None
@@ -116,25 +123,37 @@ class _ToMessagesFn(beam.DoFn):
         if isinstance(key, Rejected):
             yield dead_letter_message(key, self._encode_dead_letter)
         elif isinstance(result, Exception):
-            self._failed.inc()
-            event = key.event
-            rejected = dead_letter(event.source, event.key, event.value, f"inference failed: {result!r}",
-                                   STAGE_INFERENCE)
-            yield dead_letter_message(rejected, self._encode_dead_letter)
+            yield from self._failed_inference(key, result)
         else:
             yield from self._score_messages(key, result)
 
+    def _failed_inference(self, context: ScoringContext, error: Exception) -> Iterator[OutgoingMessage]:
+        if context.model.role == SHADOW:
+            self._shadow_failed.inc()
+            return
+        self._failed.inc()
+        event = context.event
+        rejected = dead_letter(event.source, event.key, event.value, f"inference failed: {error!r}",
+                               STAGE_INFERENCE)
+        yield dead_letter_message(rejected, self._encode_dead_letter)
+
     def _score_messages(self, context: ScoringContext, prediction: PredictionResult) -> Iterator[OutgoingMessage]:
         """The score, and with auditing on, the audit record of an anomaly (see transforms/audit.py)."""
-        record = score_record(context, prediction.inference.tolist(), self._features, self._threshold,
-                              self._version, int(time.time() * 1000))
+        record = score_record(context, prediction.inference.tolist(), int(time.time() * 1000))
+        event, role = context.event, context.model.role
+        scores, anomalies = self._by_role[role]
+        scores.inc()
+        if record["is_anomaly"]:
+            anomalies.inc()
+        stream = SHADOW_SCORES if role == SHADOW else SCORES
+        yield OutgoingMessage(stream, event.device_id.encode(), self._encode_score(record), event.event_time,
+                              event.source)
+        if role == SHADOW:
+            return
         self._scores.inc()
         if record["is_anomaly"]:
             self._anomalies.inc()
         LIVE.scored(record["is_anomaly"])
-        event = context.event
-        yield OutgoingMessage(SCORES, event.device_id.encode(), self._encode_score(record), event.event_time,
-                              event.source)
         if record["is_anomaly"] and self._encode_audit:
             audit = self._encode_audit(audit_record(record, event.readings))
             yield OutgoingMessage(AUDIT, event.device_id.encode(), audit, event.event_time, None)
@@ -143,21 +162,17 @@ class _ToMessagesFn(beam.DoFn):
 class ScoreEvents(beam.PTransform):
     """(ScoringContext, model input) and (Rejected, None) in; score and dead-letter messages out."""
 
-    def __init__(self, model_dir: str, *, max_batch_size: int, wire_format: str = "plain", device: str = "CPU",
-                 audit: bool = False):
+    def __init__(self, *, max_batch_size: int, wire_format: str = "plain", device: str = "CPU", audit: bool = False):
         super().__init__()
-        self._model_dir = model_dir
         self._max_batch_size = max_batch_size
         self._wire_format = wire_format
         self._device = device
         self._audit = audit
 
     def expand(self, inputs: beam.PCollection) -> beam.PCollection[OutgoingMessage]:
-        handler = scoring_model_handler(
-            cached_artifact(self._model_dir), max_batch_size=self._max_batch_size, device=self._device
-        )
+        handler = scoring_model_handler(max_batch_size=self._max_batch_size, device=self._device)
         return (
             inputs
             | "RunInference" >> RunInference(PassThroughModelHandler(handler))
-            | "ToMessages" >> beam.ParDo(_ToMessagesFn(self._model_dir, self._wire_format, self._audit))
+            | "ToMessages" >> beam.ParDo(_ToMessagesFn(self._wire_format, self._audit))
         )
