@@ -2,6 +2,7 @@
 
     python -m beam_jobs.inspect --bootstrap_servers HOST:PORT [--topic sensor-scores] [--from-beginning]
                                 [--schema sensors.DriftStatistics] [--wire_format confluent] [--max_records N]
+                                [Kafka security flags, as the job's]
 
 The schema is chosen by topic name (sensor-events, sensor-scores,
 sensor-dead-letters, sensor-drift, sensor-retrain) unless --schema names it.
@@ -17,8 +18,9 @@ import json
 import sys
 from typing import Callable, Iterator, Optional
 
+from beam_jobs.security_options import add_kafka_security_arguments, kafka_security
 from schemas.serde import DEAD_LETTER, DRIFT, EVENT, RETRAIN, SCORE, WIRE_FORMATS, AvroDecoder, SerdeError
-from transforms.kafka_client import KafkaConfig, make_consumer, partitions_of
+from transforms.kafka_client import KafkaConfig, KafkaSecurityError, make_consumer, partitions_of
 
 SCHEMA_BY_TOPIC = {"sensor-events": EVENT, "sensor-scores": SCORE, "sensor-dead-letters": DEAD_LETTER,
                    "sensor-drift": DRIFT, "sensor-retrain": RETRAIN}
@@ -65,14 +67,19 @@ def main(argv: list[str] | None = None) -> None:
                         help="print the topic's existing records first")
     parser.add_argument("--wire_format", choices=WIRE_FORMATS, default="plain", help="as the job's (default plain)")
     parser.add_argument("--max_records", type=int, default=None, help="stop after this many (default: follow forever)")
+    add_kafka_security_arguments(parser)
     args = parser.parse_args(argv)
     schema = args.schema or SCHEMA_BY_TOPIC.get(args.topic)
     if schema is None:
         parser.error(f"no default schema for topic {args.topic!r}: pass --schema")
     decode = AvroDecoder(schema, args.wire_format)
     try:
-        for payload in follow(KafkaConfig(args.bootstrap_servers), args.topic, args.from_beginning, args.max_records):
+        config = KafkaConfig(args.bootstrap_servers, security=kafka_security(args))
+        for payload in follow(config, args.topic, args.from_beginning, args.max_records):
             print(json_line(payload, decode), flush=True)
+    except KafkaSecurityError as e:
+        print(f"inspect failed: {e}", file=sys.stderr)
+        sys.exit(2)
     except KeyboardInterrupt:
         pass
     except BrokenPipeError:  # piped into head

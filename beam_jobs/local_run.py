@@ -7,6 +7,10 @@ topics, feeds the manufacturing-line simulator, runs the scoring job on the
 DirectRunner in a child process (its log goes to out/job.log) and prints
 progress every two seconds. With --events N it stops once N events are scored
 and prints, as its last line, one JSON object of the run's figures.
+
+The Kafka security flags (before any --) apply to this tool's own clients and
+are passed on to the job; they need KAFKA_BOOTSTRAP_SERVERS, since the
+embedded broker speaks PLAINTEXT only.
 """
 
 from __future__ import annotations
@@ -23,9 +27,23 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.security_options import (
+    KAFKA_SECURITY_OPTIONS,
+    add_kafka_security_arguments,
+    kafka_security,
+    kafka_security_argv,
+)
 from beam_jobs.simulator import LineSimulator, SimulatorConfig, produce
 from schemas.serde import EVENT, SCORE, AvroDecoder, AvroEncoder
-from transforms.kafka_client import KafkaConfig, end_offsets, ensure_topics, make_consumer, make_producer, partitions_of
+from transforms.kafka_client import (
+    KafkaConfig,
+    KafkaSecurityError,
+    end_offsets,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    partitions_of,
+)
 
 TOPICS = {"input": "sensor-events", "scores": "sensor-scores", "dead": "sensor-dead-letters", "drift": "sensor-drift"}
 GROUP = "sensor-scoring"
@@ -129,24 +147,39 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     parser.add_argument("--timeout_s", type=float, default=600.0, help="give up after this long (default 600)")
     parser.add_argument("--log", type=Path, default=Path("out/job.log"), help="job log file (default out/job.log)")
+    add_kafka_security_arguments(parser)
     args, job_args = parser.parse_known_args(argv)
+    # After --, a security flag would reach the job only, and this tool's own clients could not connect.
+    misplaced = {flag for flag, _, _ in KAFKA_SECURITY_OPTIONS} & {a.split("=")[0] for a in job_args}
+    if misplaced:
+        parser.error(f"give {', '.join(sorted(misplaced))} before --: they apply to this tool and the job")
     return args, [a for a in job_args if a != "--"]
 
 
 def main(argv: list[str] | None = None) -> int:
     args, job_args = _parse_args(argv)
+    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    try:
+        security = kafka_security(args)
+        security.client_kwargs()  # reads the SASL password now: a missing one stops the run before anything starts
+    except KafkaSecurityError as e:
+        print(f"run_local failed: {e}", file=sys.stderr)
+        return 2
+    if security.protocol != "PLAINTEXT" and not bootstrap:
+        print(f"run_local failed: --security_protocol {security.protocol} needs KAFKA_BOOTSTRAP_SERVERS; "
+              "the embedded broker speaks PLAINTEXT only", file=sys.stderr)
+        return 2
     with ExitStack() as stack:
-        bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
         if not bootstrap:
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap_servers
             print(f"started the embedded broker on {bootstrap}", flush=True)
-        config = KafkaConfig(bootstrap)
+        config = KafkaConfig(bootstrap, security=security)
         ensure_topics(config, TOPICS.values())
         counter = TopicCounter(config)
         stack.callback(counter.close)
         lag_probe = LagProbe(config)
         stack.callback(lag_probe.close)
-        job = start_job(bootstrap, job_args, args.log)
+        job = start_job(bootstrap, [*kafka_security_argv(security), *job_args], args.log)
         stack.callback(stop_job, job)
         print(f"job started (pid {job.pid}, log {args.log}); feeding {args.devices} simulated machines", flush=True)
         print(f"live status lines in {args.log}; Prometheus metrics on http://localhost:{METRICS_PORT}/metrics "

@@ -13,16 +13,11 @@ from apache_beam.options.pipeline_options import (
     StandardOptions,
 )
 
+from beam_jobs.security_options import KAFKA_SECURITY_OPTIONS, kafka_security
 from models.artifact import BUNDLED, QUANTIZE_CHOICES
 from models.rollout import RolloutConfig
 from schemas.serde import WIRE_FORMATS
-from transforms.kafka_client import (
-    SASL_MECHANISMS,
-    SECURITY_PROTOCOLS,
-    START_FROM_CHOICES,
-    KafkaConfig,
-    KafkaSecurity,
-)
+from transforms.kafka_client import START_FROM_CHOICES, KafkaConfig
 
 # (group, flag, argparse keywords): one table for parsing and for --help.
 _OPTIONS: list[tuple[str, str, dict]] = [
@@ -103,19 +98,8 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         type=int, default=0, help="serve the live figures as Prometheus text on this port, /metrics (default 0: off)")),
     ("Monitoring", "--status_interval_s", dict(
         type=float, default=5.0, help="seconds between status lines in the log (default 5; 0: off)")),
-    ("Security", "--security_protocol", dict(
-        choices=SECURITY_PROTOCOLS, default="PLAINTEXT", help="how every Kafka client connects (default PLAINTEXT)")),
-    ("Security", "--ssl_cafile", dict(
-        default=None, help="PEM file of the CA(s) that signed the brokers' certificates (default: system CAs)")),
-    ("Security", "--ssl_certfile", dict(default=None, help="PEM client certificate, for brokers that require mTLS")),
-    ("Security", "--ssl_keyfile", dict(default=None, help="PEM private key of --ssl_certfile")),
-    ("Security", "--sasl_mechanism", dict(
-        choices=SASL_MECHANISMS, default=None, help="SASL mechanism, with SASL_PLAINTEXT or SASL_SSL")),
-    ("Security", "--sasl_username", dict(default=None, help="SASL user name")),
-    ("Security", "--sasl_password_env", dict(
-        default=None,
-        help="NAME of the environment variable that holds the SASL password, read on each worker when it "
-             "connects; the password itself never appears in options, command lines or logs")),
+    # Shared with the command-line tools (beam_jobs/security_options.py).
+    *(("Security", flag, kwargs) for flag, _, kwargs in KAFKA_SECURITY_OPTIONS),
     ("Security", "--pseudonymize_key_env", dict(
         default=None,
         help="NAME of the environment variable holding an HMAC key: device ids are replaced by "
@@ -177,12 +161,7 @@ class SensorScoringOptions(PipelineOptions):
 
 def kafka_config(opts: SensorScoringOptions) -> KafkaConfig:
     """The connection settings every Kafka client of the job is built from (no secret inside)."""
-    security = KafkaSecurity(
-        protocol=opts.security_protocol, ssl_cafile=opts.ssl_cafile, ssl_certfile=opts.ssl_certfile,
-        ssl_keyfile=opts.ssl_keyfile, sasl_mechanism=opts.sasl_mechanism, sasl_username=opts.sasl_username,
-        sasl_password_env=opts.sasl_password_env,
-    )
-    return KafkaConfig(opts.bootstrap_servers, security=security)
+    return KafkaConfig(opts.bootstrap_servers, security=kafka_security(opts))
 
 
 def rollout_config(opts: SensorScoringOptions) -> RolloutConfig:

@@ -1,7 +1,7 @@
 """Records a Kafka topic of SensorEvents into a recording file, for replays and file-mode runs.
 
     python -m beam_jobs.record --bootstrap_servers HOST:PORT --topic sensor-events --output FILE.avro \\
-        [--from BOUND] [--to BOUND] [--wire_format plain|confluent]
+        [--from BOUND] [--to BOUND] [--wire_format plain|confluent] [Kafka security flags, as the job's]
 
 Reads every partition from --from (default: the earliest offset) up to, not
 including, --to (default: the end offset when the tool starts), so it
@@ -41,8 +41,16 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from beam_jobs.progress import Progress
 from beam_jobs.recordings import RecordedSource, write_events
+from beam_jobs.security_options import add_kafka_security_arguments, kafka_security
 from schemas.serde import EVENT, WIRE_FORMATS, AvroDecoder, SerdeError
-from transforms.kafka_client import BrokerUnavailable, KafkaConfig, end_offsets, make_consumer, partitions_of
+from transforms.kafka_client import (
+    BrokerUnavailable,
+    KafkaConfig,
+    KafkaSecurityError,
+    end_offsets,
+    make_consumer,
+    partitions_of,
+)
 
 _LOG = logging.getLogger("record")
 _MAX_BUFFERED = 10_000  # per partition, while waiting for slower partitions to catch up in time
@@ -209,6 +217,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="offset(s) or time to stop before (default: the end offset at start-up)")
     parser.add_argument("--wire_format", choices=WIRE_FORMATS, default="plain",
                         help="plain schemaless Avro (default) or confluent framing, as the producers write")
+    add_kafka_security_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -217,9 +226,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.ERROR)
     try:
-        written, skipped = record(KafkaConfig(args.bootstrap_servers), args.topic, args.output, args.start,
-                                  args.stop, wire_format=args.wire_format)
-    except (BrokerUnavailable, RuntimeError, OSError) as e:
+        config = KafkaConfig(args.bootstrap_servers, security=kafka_security(args))
+        written, skipped = record(config, args.topic, args.output, args.start, args.stop, wire_format=args.wire_format)
+    except (BrokerUnavailable, KafkaSecurityError, RuntimeError, OSError) as e:
         print(f"record failed: {e}", file=sys.stderr)
         sys.exit(2)
     for reason in skipped[:5]:

@@ -1,7 +1,8 @@
 """Replays recordings into a Kafka topic, as fast as possible or with the original timing.
 
     python -m beam_jobs.replay --input FILE.avro [FILE.avro ...] --bootstrap_servers HOST:PORT \\
-        --topic sensor-events [--speed S] [--shift_to_now] [--wire_format plain|confluent]
+        --topic sensor-events [--speed S] [--shift_to_now] [--wire_format plain|confluent] \\
+        [Kafka security flags, as the job's]
 
 Events of all files are merged by event time; each file keeps its own order,
 so a device's events are sent in recorded order. Messages are keyed by
@@ -26,8 +27,9 @@ from typing import Callable, Iterator, Sequence
 
 from beam_jobs.progress import Progress
 from beam_jobs.recordings import PathLike, RecordingError, count_events, merged_events
+from beam_jobs.security_options import add_kafka_security_arguments, kafka_security
 from schemas.serde import EVENT, WIRE_FORMATS, AvroEncoder
-from transforms.kafka_client import BrokerUnavailable, KafkaConfig, ensure_topics, make_producer
+from transforms.kafka_client import BrokerUnavailable, KafkaConfig, KafkaSecurityError, ensure_topics, make_producer
 
 _LOG = logging.getLogger("replay")
 
@@ -127,6 +129,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="plain schemaless Avro (default) or confluent framing")
     parser.add_argument("--topic_partitions", type=int, default=4,
                         help="partitions of the topic if it has to be created (default 4)")
+    add_kafka_security_arguments(parser)
     args = parser.parse_args(argv)
     if args.speed < 0:
         parser.error("--speed must be 0 or more")
@@ -137,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        config = KafkaConfig(args.bootstrap_servers, security=kafka_security(args))
         total = count_events(args.input)
         with Progress(f"replay to {args.topic}", total) as bar:
-            sent = replay(args.input, KafkaConfig(args.bootstrap_servers), args.topic, args.speed,
+            sent = replay(args.input, config, args.topic, args.speed,
                           shift_to_now=args.shift_to_now, wire_format=args.wire_format,
                           partitions=args.topic_partitions, progress=bar.advance)
-    except (RecordingError, BrokerUnavailable, RuntimeError) as e:
+    except (RecordingError, BrokerUnavailable, KafkaSecurityError, RuntimeError) as e:
         print(f"replay failed: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -19,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 from kafka import KafkaProducer
 
+from beam_jobs.security_options import add_kafka_security_arguments, kafka_security
 from schemas.serde import EVENT, AvroEncoder
-from transforms.kafka_client import KafkaConfig, make_producer
+from transforms.kafka_client import KafkaConfig, KafkaSecurityError, make_producer
 
 FEATURES: tuple[str, ...] = ("temperature", "vibration", "current", "pressure", "flow", "voltage")
 FAULT_KINDS: tuple[str, ...] = ("bearing_wear", "overheating", "pressure_leak", "stuck_sensor", "spike")
@@ -300,6 +301,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, type_, default, help_ in _CLI_OPTIONS:
         suffix = "" if default is None else f" (default: {default})"
         parser.add_argument(flag, type=type_, default=default, help=help_ + suffix)
+    add_kafka_security_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -313,7 +315,11 @@ def main(argv: list[str] | None = None) -> None:
     config = SimulatorConfig(
         args.devices, args.rate, args.seed, args.start_ms, args.fault_rate, args.missing_rate, args.drift_per_hour
     )
-    producer = make_producer(KafkaConfig(args.bootstrap_servers))
+    try:
+        producer = make_producer(KafkaConfig(args.bootstrap_servers, security=kafka_security(args)))
+    except KafkaSecurityError as e:
+        print(f"simulator failed: {e}", file=sys.stderr)
+        sys.exit(2)
     simulator, encode = LineSimulator(config), AvroEncoder(EVENT)
     try:
         sent = produce(simulator, producer, args.topic, args.events, args.real_time_rate, encode, _report)
