@@ -199,3 +199,12 @@ def test_rollout_options_that_cannot_work_are_refused(config, message):
 def test_a_canary_or_shadow_that_does_not_load_is_refused_at_launch(tmp_path):
     with pytest.raises(ModelArtifactError, match="is not a model artifact"):
         RolloutConfig("bundled", CALIBRATION, shadow_model_dir=str(tmp_path)).check()
+
+
+def test_the_default_model_is_named_bundled_and_found_where_the_package_is_installed():
+    """The launcher's absolute path would not exist on Flink workers: the name travels, each worker resolves it."""
+    from beam_jobs.options import SensorScoringOptions
+
+    assert SensorScoringOptions([]).model_dir == "bundled"
+    assert resolve_model_dir("bundled") == BUNDLED_MODEL_DIR
+    assert load_artifact("bundled").version == BUNDLED.version
