@@ -41,6 +41,7 @@ from models.detector import DetectorState, DeviceDetector
 from models.preprocessing import readings_vector
 from transforms.dead_letters import Rejected
 from transforms.decode import ValidEvent
+from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "device_state"
 MAX_TIMER_REARMS = 8
@@ -152,6 +153,7 @@ class DeviceStateDoFn(beam.DoFn):
         self._early_timers = counter(_METRICS, "early_timer_firings")
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._logic = DeviceLogic(cached_artifact(self._model_dir), self._state_ttl_ms, self._calibration_events,
                                   self._quantize)
         self._source_watermarks = _SOURCE_WATERMARKS.setdefault(self._job_token, {})

@@ -60,6 +60,7 @@ from transforms.decode import ValidEvent
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.offset_commits import partition_key
+from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "drift"
 _NO_EVIDENCE = -(2**63)
@@ -235,6 +236,7 @@ class _DriftMessagesFn(beam.DoFn):
         self._records = records
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._records.setup()
 
     def process(self, element: tuple[str, dict], run_state=beam.DoFn.StateParam(RUN)) -> Iterator[OutgoingMessage]:
@@ -316,6 +318,7 @@ class _LiveWindowsFn(beam.DoFn):
         self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._records.setup()
 
     def start_bundle(self) -> None:
