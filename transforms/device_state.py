@@ -14,12 +14,16 @@ Ordering and lateness policy (documented in the README):
   function of the in-order events; it is counted in ``out_of_order_events``.
 * Expiry is decided by the event stream alone: when a device's next event is
   ``state_ttl`` or more after its previous one, the state is reset first.
-* An event-time timer at ``last event + state_ttl`` reclaims the memory of
-  idle devices. Runners may fire it early (the in-process FnApiRunner does
-  with unbounded sources), so the timer clears state only when the source
-  watermark carried by this partition's records has passed the expiry time;
-  then every later on-time event of the device would reset it anyway, and
-  clearing cannot change a score. Otherwise the timer is re-armed later.
+* An event-time timer reclaims the memory of idle devices. It is set on a
+  device's first event, at ``first event + state_ttl``, not on every event:
+  when it fires and the device has had events since, it is re-armed at the
+  current expiry, ``last event + state_ttl``. Runners may fire it early (the
+  in-process FnApiRunner does with unbounded sources), so the timer clears
+  state only when the source watermark carried by this partition's records
+  has passed the expiry time; then every later on-time event of the device
+  would reset it anyway, and clearing cannot change a score. Otherwise the
+  timer is re-armed later, at most ``MAX_TIMER_REARMS`` times in a row; after
+  that the device's next in-order event arms it again.
 """
 
 from __future__ import annotations
@@ -172,10 +176,11 @@ class DeviceStateDoFn(beam.DoFn):
         if event.watermark_ms > self._source_watermarks.get(partition, -1):
             self._source_watermarks[partition] = event.watermark_ms
         previous = device.read()
+        armed = previous is not None and previous.rearms <= MAX_TIMER_REARMS
         step = self._logic.on_event(previous, event.event_time, event.readings, partition)
         device.write(step.state)
         self._count(previous, step)
-        if step.in_order:
+        if step.in_order and not armed:  # an armed timer moves to the current expiry when it fires
             expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
         yield ScoringContext(event, step.imputed, step.calibrating), torch.from_numpy(step.model_input)
 
@@ -205,8 +210,13 @@ class DeviceStateDoFn(beam.DoFn):
             self._expired.inc()
             self._live_devices.dec()
             return
+        if self._logic.expires_at(state) > fire_ms:  # events since it was set: not due yet
+            expiry.set(Timestamp.of(self._logic.expires_at(state) / 1000))
+            return
         self._early_timers.inc()
         if state.rearms < MAX_TIMER_REARMS:
             state.rearms += 1
-            device.write(state)
             expiry.set(Timestamp.of((fire_ms + self._logic.state_ttl_ms * 2**state.rearms) / 1000))
+        else:
+            state.rearms = MAX_TIMER_REARMS + 1  # no timer armed now: the next in-order event sets one
+        device.write(state)
