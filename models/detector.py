@@ -38,9 +38,9 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 import numpy as np
-import torch
 from torch import nn
 
+from models.lstm import numpy_step
 from models.preprocessing import Baseline, fit_baseline, forward_fill
 
 LEVEL_FLOOR = 1e-6
@@ -102,11 +102,11 @@ class DeviceDetector:
     """The per-device logic around one (possibly int8) :class:`models.lstm.RecurrentStep`."""
 
     def __init__(self, step: nn.Module, residual_scale: np.ndarray, post: PostProcessing, calibration_events: int):
-        self._step = step
+        self._step = numpy_step(step)
         self._scale = np.asarray(residual_scale, dtype=np.float64)
         self._post = post
         self.calibration_events = calibration_events
-        self.hidden_size = step.cell.hidden_size
+        self.hidden_size = self._step.hidden_size
 
     def new_state(self) -> DetectorState:
         return DetectorState(len(self._scale), self.hidden_size)
@@ -126,13 +126,11 @@ class DeviceDetector:
 
     def _contribution(self, state: DetectorState, values: np.ndarray) -> np.ndarray:
         """c_j of this event (0 for a device's first event, which has no forecast); steps the model."""
-        state.last = forward_fill(values[None], state.last)[0]
+        state.last = np.where(np.isnan(values), state.last, values)  # forward_fill of one row
         z = state.baseline.normalise(state.last)
         contribution = np.zeros(len(z)) if state.forecast is None else ((z - state.forecast) / self._scale) ** 2
-        with torch.no_grad():
-            h, c, forecast = self._step(torch.from_numpy(z)[None], torch.from_numpy(state.h)[None],
-                                        torch.from_numpy(state.c)[None])
-        state.h, state.c, state.forecast = h[0].numpy(), c[0].numpy(), forecast[0].numpy().astype(np.float64)
+        state.h, state.c, forecast = self._step(z, state.h, state.c)
+        state.forecast = forecast.astype(np.float64)
         return contribution
 
     def _accumulate(self, state: DetectorState, contribution: np.ndarray, observed: np.ndarray) -> None:

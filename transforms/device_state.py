@@ -111,7 +111,7 @@ class DeviceLogic:
         if state is None or reset:
             state = self.new_state()
         values = readings_vector(readings, self.features)
-        imputed = tuple(name for name, v in zip(self.features, values) if np.isnan(v))
+        imputed = tuple(name for name, missing in zip(self.features, np.isnan(values).tolist()) if missing)
         in_order = event_time >= state.last_event_time
         # An out-of-order event works on a throwaway copy: the real state stays untouched.
         detector_state = state.detector if in_order else copy.deepcopy(state.detector)
