@@ -85,7 +85,7 @@ class _KeepModelInputs(beam.DoFn):
 
     def process(self, output):
         context, model_input = output
-        _KeepModelInputs.seen[context.event.event_id] = model_input.numpy()
+        _KeepModelInputs.seen[context.event.event_id] = np.asarray(model_input)
 
 
 def _model_inputs(stream: EventStream) -> dict:

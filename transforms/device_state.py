@@ -34,7 +34,6 @@ from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
-import torch
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -131,7 +130,7 @@ class DeviceLogic:
 
 
 class DeviceStateDoFn(beam.DoFn):
-    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input tensor) out.
+    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input row) out.
 
     Rejected records (keyed by partition) pass through as (Rejected, None),
     touching no state, on their way to the one sink.
@@ -167,7 +166,7 @@ class DeviceStateDoFn(beam.DoFn):
         element: tuple[str, ValidEvent | Rejected],
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[tuple[ScoringContext | Rejected, torch.Tensor | None]]:
+    ) -> Iterator[tuple[ScoringContext | Rejected, np.ndarray | None]]:
         _, event = element
         if isinstance(event, Rejected):
             yield event, None
@@ -182,7 +181,7 @@ class DeviceStateDoFn(beam.DoFn):
         self._count(previous, step)
         if step.in_order and not armed:  # an armed timer moves to the current expiry when it fires
             expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
-        yield ScoringContext(event, step.imputed, step.calibrating), torch.from_numpy(step.model_input)
+        yield ScoringContext(event, step.imputed, step.calibrating), step.model_input
 
     def _count(self, previous: Optional[DeviceState], step: StepResult) -> None:
         self._events.inc()

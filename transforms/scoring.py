@@ -6,6 +6,8 @@ import time
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
+import numpy as np
+import torch
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
 
 from models.artifact import cached_artifact
@@ -49,6 +51,11 @@ class PassThroughModelHandler(ModelHandler):
     (Rejected, None). A batch whose inference raises comes back as
     (key, exception) for each of its events instead of failing the bundle:
     a failure output of its own would need a Flatten to reach the sink.
+
+    Rows come in and results go out as numpy arrays (tensors are accepted
+    too): the runner samples elements and pickles them to estimate their
+    size, and a tensor pickles through torch.save, or with the whole
+    batch's storage for a row of the batch output.
     """
 
     def __init__(self, base: ModelHandler):
@@ -64,16 +71,18 @@ class PassThroughModelHandler(ModelHandler):
         if not scored:
             return results
         try:
-            predictions = list(self._base.run_inference([batch[i] for i in scored], model, inference_args))
+            predictions = list(self._base.run_inference([_as_tensor(batch[i]) for i in scored], model,
+                                                        inference_args))
         except Exception as error:  # noqa: BLE001 - any model error becomes a dead letter
             predictions = [(batch[i][0], error) for i in scored]
         for i, prediction in zip(scored, predictions):
-            results[i] = prediction
+            results[i] = _as_numpy(prediction)
         return results
 
     def get_num_bytes(self, batch: Sequence[tuple[Any, Any]]) -> int:
-        scored = [element for element in batch if element[1] is not None]
-        return self._base.get_num_bytes(scored) if scored else 0
+        """Bytes of the model input rows (the base handler pickles the keys and walks each row element by element)."""
+        return sum(example.nbytes if isinstance(example, np.ndarray) else example.element_size() * example.nelement()
+                   for _, example in batch if example is not None)
 
     def get_metrics_namespace(self) -> str:
         return self._base.get_metrics_namespace()
@@ -89,6 +98,20 @@ class PassThroughModelHandler(ModelHandler):
 
     def update_model_path(self, model_path=None):
         return self._base.update_model_path(model_path=model_path)
+
+
+def _as_tensor(element: tuple[Any, Any]) -> tuple[Any, torch.Tensor]:
+    key, example = element
+    return key, torch.from_numpy(example) if isinstance(example, np.ndarray) else example
+
+
+def _as_numpy(prediction: tuple[Any, Any]) -> tuple[Any, Any]:
+    """(key, PredictionResult) with numpy example and inference; anything else as it is."""
+    key, result = prediction
+    if isinstance(result, PredictionResult) and isinstance(result.inference, torch.Tensor):
+        example = result.example.cpu().numpy() if isinstance(result.example, torch.Tensor) else result.example
+        result = result._replace(example=example, inference=result.inference.detach().cpu().numpy())
+    return key, result
 
 
 class _ToMessagesFn(beam.DoFn):
