@@ -56,7 +56,7 @@ from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms.window import FixedWindows, GlobalWindows
 
 from models.drift_reference import SCORE_FEATURE, DriftReference
-from schemas.serde import DRIFT, RETRAIN, SCORE, AvroDecoder, AvroEncoder
+from schemas.serde import DRIFT, RETRAIN, AvroEncoder, ScoreHeadReader
 from transforms.decode import ValidEvent
 from transforms.drift_partials import PartialSummaries, PartialSummary
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
@@ -113,7 +113,7 @@ class _ScoreValueFn(beam.DoFn):
         self._window_ms = window_ms
 
     def setup(self) -> None:
-        self._decode = AvroDecoder(SCORE, self._wire_format)
+        self._read = ScoreHeadReader(self._wire_format)  # the job's own score bytes: device_id and score only
 
     def start_bundle(self) -> None:
         self._partials = PartialSummaries(self._reference, self._window_ms)
@@ -121,10 +121,9 @@ class _ScoreValueFn(beam.DoFn):
     def process(self, message: OutgoingMessage) -> None:
         if message.stream != SCORES:
             return
-        score = self._decode(message.value)
+        device_id, score = self._read(message.value)
         partition = partition_key(message.source.topic, message.source.partition)
-        self._partials.add(SCORE_FEATURE, message.timestamp_ms, partition, message.timestamp_ms, score["device_id"],
-                           score["score"])
+        self._partials.add(SCORE_FEATURE, message.timestamp_ms, partition, message.timestamp_ms, device_id, score)
 
     def finish_bundle(self):
         yield from self._partials.emit()

@@ -3,12 +3,12 @@
 The drift branch used to send every reading of every event (six per event,
 plus the score) downstream as its own element; windowing, combining and
 the live windows' state then cost more per event than the device step (see
-docs/performance.md). The value DoFns now add the values of a bundle into a
-:class:`~transforms.drift_stats.WindowSummary` per (feature, event-time
-window, partition), in the order they arrive, and emit those partial
-summaries when the bundle finishes. Summaries merge exactly for counts and
-bins and by Chan's update for the per-device moments, so the statistics are
-those of the values one by one up to float rounding.
+docs/performance.md). The value DoFns now collect a bundle's values per
+(feature, event-time window, partition) and, when the bundle finishes,
+emit each group as one :class:`~transforms.drift_stats.WindowSummary`,
+built with numpy (``WindowSummary.add_many``). Counts and bins are exact;
+per-device moments are two-pass sums merged by Chan's update, so the
+statistics are those of the values added one by one up to float rounding.
 
 A partial carries the highest watermark evidence of its values (see
 transforms/drift.py): the live windows observe it once per partial, which
@@ -52,14 +52,18 @@ class PartialSummaries:
         key = (feature, start, partition)
         entry = self._open.get(key)
         if entry is None:
-            entry = self._open[key] = [WindowSummary.empty(self._reference.features[feature]), evidence_ms]
-        elif evidence_ms > entry[1]:
-            entry[1] = evidence_ms
-        entry[0].add(self._reference.features[feature], device_id, value)
+            entry = self._open[key] = [[], [], evidence_ms]
+        elif evidence_ms > entry[2]:
+            entry[2] = evidence_ms
+        entry[0].append(device_id)
+        entry[1].append(value)
 
     def emit(self) -> Iterator[WindowedValue]:
         """The bundle's partial summaries, in the global window, stamped inside their event-time window."""
-        for (feature, start, partition), (summary, evidence_ms) in self._open.items():
+        for (feature, start, partition), (device_ids, values, evidence_ms) in self._open.items():
+            reference = self._reference.features[feature]
+            summary = WindowSummary.empty(reference)
+            summary.add_many(reference, device_ids, values)
             partial = PartialSummary(feature, start, partition, evidence_ms, summary)
             yield WindowedValue((feature, partial), Timestamp(micros=start * 1000), [GlobalWindow()])
         self._open = {}
