@@ -110,7 +110,8 @@ def _as_numpy(prediction: tuple[Any, Any]) -> tuple[Any, Any]:
     key, result = prediction
     if isinstance(result, PredictionResult) and isinstance(result.inference, torch.Tensor):
         example = result.example.cpu().numpy() if isinstance(result.example, torch.Tensor) else result.example
-        result = result._replace(example=example, inference=result.inference.detach().cpu().numpy())
+        # the constructor, not _replace: that costs a keyword parse and a _make per event
+        result = PredictionResult(example, result.inference.detach().cpu().numpy(), result.model_id)
     return key, result
 
 
