@@ -5,7 +5,9 @@ travels through RunInference untouched while the rows are batched across
 devices. The head has no weights and reads the feature count off the row
 width (models/lstm.py), so one head serves every model version and rollout
 role: it is built on the worker, and no file path from the launcher has to
-exist there.
+exist there. Rows come in and results go out as numpy arrays: runners sample
+elements and pickle them to estimate sizes, and a tensor pickles through
+torch.save (a row of the batch output with the whole batch's storage).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult
 
@@ -21,7 +24,7 @@ from models.lstm import ScoringHead
 _LOG = logging.getLogger(__name__)
 
 
-class ScoringHeadHandler(ModelHandler[torch.Tensor, PredictionResult, ScoringHead]):
+class ScoringHeadHandler(ModelHandler[np.ndarray, PredictionResult, ScoringHead]):
     """Runs ScoringHead on stacked rows, on the GPU when asked for and present.
 
     No ``max_batch_duration_secs``: it adds processing-time timers, which the
@@ -43,14 +46,14 @@ class ScoringHeadHandler(ModelHandler[torch.Tensor, PredictionResult, ScoringHea
                 _LOG.warning("--inference_device GPU, but torch sees no GPU here: the head runs on the CPU")
         return ScoringHead().to(self._device).eval()
 
-    def run_inference(self, batch: Sequence[torch.Tensor], model: ScoringHead,
+    def run_inference(self, batch: Sequence[np.ndarray], model: ScoringHead,
                       inference_args: Optional[dict[str, Any]] = None) -> Iterable[PredictionResult]:
         with torch.no_grad():
-            outputs = model(torch.stack(batch).to(self._device), **(inference_args or {})).cpu()
-        return [PredictionResult(row, output) for row, output in zip(batch, outputs)]
+            outputs = model(torch.from_numpy(np.stack(batch)).to(self._device), **(inference_args or {}))
+        return [PredictionResult(row, output) for row, output in zip(batch, outputs.cpu().numpy())]
 
-    def get_num_bytes(self, batch: Sequence[torch.Tensor]) -> int:
-        return sum(row.element_size() * row.nelement() for row in batch)
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return sum(row.nbytes for row in batch)
 
     def get_metrics_namespace(self) -> str:
         return "scoring_head"

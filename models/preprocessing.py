@@ -18,8 +18,15 @@ class Baseline(NamedTuple):
     scale: np.ndarray
 
     def normalise(self, filled: np.ndarray) -> np.ndarray:
-        """z-scores; a reading never observed yet (NaN after filling) sits at the baseline, z = 0."""
-        return np.nan_to_num((filled - self.median) / self.scale, nan=0.0).astype(np.float32)
+        """z-scores; a reading never observed yet (NaN after filling) sits at the baseline, z = 0.
+
+        ``np.where`` rather than ``np.nan_to_num`` (a fifth of the per-event
+        cost of this step): the values are the same, since what nan_to_num
+        also does, turning ±inf into the largest float64, still gives ±inf
+        in float32.
+        """
+        z = (filled - self.median) / self.scale
+        return np.where(np.isnan(z), 0.0, z).astype(np.float32)
 
 
 def fit_baseline(filled_rows: np.ndarray) -> Baseline:

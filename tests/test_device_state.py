@@ -87,7 +87,7 @@ class _KeepModelInputs(beam.DoFn):
 
     def process(self, output):
         context, model_input = output
-        _KeepModelInputs.seen[context.event.event_id] = model_input.numpy()
+        _KeepModelInputs.seen[context.event.event_id] = np.asarray(model_input)
 
 
 def _model_inputs(stream: EventStream) -> dict:
@@ -161,3 +161,25 @@ def test_live_device_gauge_counts_devices_holding_state_and_drops_on_reclaim():
     assert _live_devices_after(held) == 3  # no watermark evidence past expiry: the state stays
     reclaimed = [event(f"d{i}", 1000, i, source_watermark_ms=1000 + 2 * TTL_S * 1000) for i in range(3)]
     assert _live_devices_after(reclaimed) == 0
+
+
+def test_timer_set_on_the_first_event_follows_the_device_and_reclaims_it_once_idle():
+    """a's timer is set once, at 1 s + TTL; it fires while a is active, moves to a's expiry, and clears a later.
+
+    At the first firing (11 s) a's last event is at 8 s and the partition's evidence is 15 s: kept, so
+    a-9000 continues a's state. Evidence 30 s then passes a's expiry (19 s): a-9500 starts afresh.
+    """
+    stream = (
+        EventStream()
+        .add_elements([_ts(event("a", t, i)) for i, t in enumerate(range(1000, 9000, 1000))])
+        .add_elements([_ts(event("b", 15_000, 8))])
+        .advance_watermark_to(16)
+        .add_elements([_ts(event("a", 9000, 9))])
+        .add_elements([_ts(event("b", 30_000, 10))])
+        .advance_watermark_to(40)
+        .add_elements([_ts(event("a", 9500, 11))])
+        .advance_watermark_to_infinity()
+    )
+    rows = _model_inputs(stream)
+    assert rows["a-9000"][-1] > 0
+    assert rows["a-9500"][-1] == 0.0

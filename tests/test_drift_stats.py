@@ -105,6 +105,24 @@ def test_moments_and_summaries_merge_exactly():
         assert merged.devices[device].mean == pytest.approx(moments.mean)
 
 
+def test_adding_values_at_once_equals_adding_them_one_by_one():
+    values = [None if i % 11 == 0 else float(v) for i, v in enumerate(RNG.normal(11.0, 3.0, 3000))]
+    values[5] = float("nan")
+    devices = [f"d{int(d)}" for d in RNG.integers(0, 40, len(values))]
+    one_by_one = summary_of(values, devices=[d[1:] for d in devices])
+    at_once = WindowSummary.empty(REFERENCE)
+    at_once.add_many(REFERENCE, devices[:1700], values[:1700])
+    at_once.add_many(REFERENCE, devices[1700:], values[1700:])
+    assert (at_once.events, at_once.missing) == (one_by_one.events, one_by_one.missing)
+    np.testing.assert_array_equal(at_once.psi_counts, one_by_one.psi_counts)
+    np.testing.assert_array_equal(at_once.ks_counts, one_by_one.ks_counts)
+    assert list(at_once.devices) == list(one_by_one.devices)
+    for device, moments in one_by_one.devices.items():
+        other = at_once.devices[device]
+        assert other.n == moments.n
+        assert other.mean == pytest.approx(moments.mean, rel=1e-12) and other.m2 == pytest.approx(moments.m2, rel=1e-10)
+
+
 def test_summary_survives_pickle_and_deepcopy():
     summary = summary_of([1.0, None, 12.0])
     for clone in (pickle.loads(pickle.dumps(summary)), copy.deepcopy(summary)):

@@ -29,17 +29,17 @@ def context(i: int, calibrating: bool = False) -> ScoringContext:
     return ScoringContext(event, (ARTIFACT.features[0],), calibrating, PRIMARY_MODEL)
 
 
-def model_input(seed: int, observed_first: bool = False) -> torch.Tensor:
+def model_input(seed: int, observed_first: bool = False) -> np.ndarray:
     rows = np.abs(np.random.default_rng(seed).normal(size=WIDTH)).astype(np.float32) * 3
     rows[N:2 * N] = 1.0
     rows[N] = float(observed_first)
-    return torch.from_numpy(rows)
+    return rows
 
 
 def test_every_input_yields_one_score_equal_to_the_head_output():
     inputs = [(context(i, calibrating=i < 2), model_input(i)) for i in range(10)]
     with torch.no_grad():
-        expected = ARTIFACT.head()(torch.stack([t for _, t in inputs])).numpy()
+        expected = ARTIFACT.head()(torch.from_numpy(np.stack([t for _, t in inputs]))).numpy()
     decode = AvroDecoder(SCORE)
 
     def check(messages):
@@ -63,7 +63,7 @@ def test_every_input_yields_one_score_equal_to_the_head_output():
 
 def test_failed_batches_and_rejected_records_become_dead_letters_with_the_original_bytes():
     good = [(context(i), model_input(i)) for i in range(3)]
-    broken = [(context(100), torch.zeros(WIDTH + 1))]  # a row the head cannot split
+    broken = [(context(100), np.zeros(WIDTH + 1, dtype=np.float32))]  # a row the head cannot split
     rejected = dead_letter(SourcePosition("in", 1, 7, 5), b"k", b"junk", "bad bytes", "decode")
 
     def check(messages):

@@ -23,6 +23,7 @@ from schemas.serde import (
     SCORE,
     AvroDecoder,
     AvroEncoder,
+    ScoreHeadReader,
     SerdeError,
     current_schema,
     default_registry,
@@ -205,3 +206,12 @@ def test_encoders_and_decoders_survive_pickling(dumps, loads, wire):
     other = AvroEncoder(EVENT, "plain" if wire == "confluent" else "confluent")(EVENT_NOW)
     with pytest.raises(SerdeError):
         decode(other)  # the wire format travels with the pickle
+
+
+@WIRE
+@PROPERTY
+@given(score=scores)
+def test_the_score_head_reader_gives_the_decoders_device_id_and_score(wire, score):
+    device_id, value = ScoreHeadReader(wire)(AvroEncoder(SCORE, wire)(score))
+    decoded = AvroDecoder(SCORE, wire)(AvroEncoder(SCORE, wire)(score))
+    assert device_id == decoded["device_id"] and value == decoded["score"]

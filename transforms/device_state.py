@@ -18,12 +18,16 @@ Ordering and lateness policy (documented in the README):
   function of the in-order events; it is counted in ``out_of_order_events``.
 * Expiry is decided by the event stream alone: when a device's next event is
   ``state_ttl`` or more after its previous one, the state is reset first.
-* An event-time timer at ``last event + state_ttl`` reclaims the memory of
-  idle devices. Runners may fire it early (the in-process FnApiRunner does
-  with unbounded sources), so the timer clears state only when the source
-  watermark carried by this partition's records has passed the expiry time;
-  then every later on-time event of the device would reset it anyway, and
-  clearing cannot change a score. Otherwise the timer is re-armed later.
+* An event-time timer reclaims the memory of idle devices. It is set on a
+  device's first event, at ``first event + state_ttl``, not on every event:
+  when it fires and the device has had events since, it is re-armed at the
+  current expiry, ``last event + state_ttl``. Runners may fire it early (the
+  in-process FnApiRunner does with unbounded sources), so the timer clears
+  state only when the source watermark carried by this partition's records
+  has passed the expiry time; then every later on-time event of the device
+  would reset it anyway, and clearing cannot change a score. Otherwise the
+  timer is re-armed later, at most ``MAX_TIMER_REARMS`` times in a row; after
+  that the device's next in-order event arms it again.
 """
 
 from __future__ import annotations
@@ -34,7 +38,6 @@ from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
-import torch
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec, TimerSpec, on_timer
@@ -46,6 +49,7 @@ from models.preprocessing import readings_vector
 from models.rollout import ModelSource, RolloutConfig, ServedModel, ServingModel, fixed_models, watch_models
 from transforms.dead_letters import Rejected
 from transforms.decode import ValidEvent
+from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "device_state"
 MAX_TIMER_REARMS = 8
@@ -150,7 +154,7 @@ class DeviceLogic:
         """Advances the serving model's detector state, once per event even when two roles share it."""
         features = serving.served.features
         values = readings_vector(readings, features)
-        imputed = tuple(name for name, v in zip(features, values) if np.isnan(v))
+        imputed = tuple(name for name, missing in zip(features, np.isnan(values).tolist()) if missing)
         if serving.signature not in stepped:
             detector_state = state.detectors.get(serving.signature) or serving.detector.new_state()
             # An out-of-order event works on a throwaway copy: the real state stays untouched.
@@ -169,7 +173,7 @@ class DeviceLogic:
 
 
 class DeviceStateDoFn(beam.DoFn):
-    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input tensor) out.
+    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input row) out.
 
     Rejected records (keyed by partition) pass through as (Rejected, None),
     touching no state, on their way to the one sink.
@@ -193,6 +197,7 @@ class DeviceStateDoFn(beam.DoFn):
         self._early_timers = counter(_METRICS, "early_timer_firings")
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._logic = DeviceLogic(watch_models(self._rollout), self._state_ttl_ms)
         self._source_watermarks = _SOURCE_WATERMARKS.setdefault(self._job_token, {})
 
@@ -201,7 +206,7 @@ class DeviceStateDoFn(beam.DoFn):
         element: tuple[str, ValidEvent | Rejected],
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[tuple[ScoringContext | Rejected, torch.Tensor | None]]:
+    ) -> Iterator[tuple[ScoringContext | Rejected, np.ndarray | None]]:
         _, event = element
         if isinstance(event, Rejected):
             yield event, None
@@ -210,14 +215,15 @@ class DeviceStateDoFn(beam.DoFn):
         if event.watermark_ms > self._source_watermarks.get(partition, -1):
             self._source_watermarks[partition] = event.watermark_ms
         previous = device.read()
+        armed = previous is not None and previous.rearms <= MAX_TIMER_REARMS
         step = self._logic.on_event(previous, event.event_time, event.readings, partition, event.device_id)
         device.write(step.state)
         self._count(previous, step)
-        if step.in_order:
+        if step.in_order and not armed:  # an armed timer moves to the current expiry when it fires
             expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
         for model_step in step.steps:
             context = ScoringContext(event, model_step.imputed, model_step.calibrating, model_step.model)
-            yield context, torch.from_numpy(model_step.model_input)
+            yield context, model_step.model_input
 
     def _count(self, previous: Optional[DeviceState], step: StepResult) -> None:
         self._events.inc()
@@ -245,8 +251,13 @@ class DeviceStateDoFn(beam.DoFn):
             self._expired.inc()
             self._live_devices.dec()
             return
+        if self._logic.expires_at(state) > fire_ms:  # events since it was set: not due yet
+            expiry.set(Timestamp.of(self._logic.expires_at(state) / 1000))
+            return
         self._early_timers.inc()
         if state.rearms < MAX_TIMER_REARMS:
             state.rearms += 1
-            device.write(state)
             expiry.set(Timestamp.of((fire_ms + self._logic.state_ttl_ms * 2**state.rearms) / 1000))
+        else:
+            state.rearms = MAX_TIMER_REARMS + 1  # no timer armed now: the next in-order event sets one
+        device.write(state)

@@ -5,9 +5,11 @@ Valid events of the scoring path's decode step give one value per reading
 where the job does that; score messages give the ``__score__`` value. Values are grouped into
 fixed event-time windows per feature as a
 :class:`~transforms.drift_stats.WindowSummary` (bin counts and per-device
-moments: bounded memory, exact merges). When a window closes, each feature
-yields one DriftStatistics record (see ``drift_stats`` for PSI, KS and the
-thresholds).
+moments: bounded memory, exact merges). The value steps already summarise
+each bundle's values per feature, window and partition and send those
+partial summaries on, not one element per value (transforms/drift_partials.py).
+When a window closes, each feature yields one DriftStatistics record (see
+``drift_stats`` for PSI, KS and the thresholds).
 
 Two ways to close a window, chosen by ``live``:
 
@@ -51,15 +53,16 @@ from typing import Any, Iterator, NamedTuple, Optional, Tuple
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.transforms.window import FixedWindows, GlobalWindows
 
 from models.drift_reference import SCORE_FEATURE, DriftReference
-from schemas.serde import DRIFT, RETRAIN, SCORE, AvroDecoder, AvroEncoder
+from schemas.serde import DRIFT, RETRAIN, AvroEncoder, ScoreHeadReader
 from transforms.decode import ValidEvent
+from transforms.drift_partials import PartialSummaries, PartialSummary
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.offset_commits import partition_key
+from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "drift"
 _NO_EVIDENCE = -(2**63)
@@ -67,73 +70,74 @@ DRIFT_STREAM = "drift"
 RETRAIN_STREAM = "retrain"
 
 
-class FeatureValue(NamedTuple):
-    """One value of one feature (None when missing), and the watermark evidence of the record it came from."""
-
-    feature: str
-    event_time: int
-    device_id: str
-    value: Optional[float]
-    partition: str
-    evidence_ms: int
-
-
 class _ReadingValuesFn(beam.DoFn):
-    """(key, ValidEvent | Rejected) -> one (feature, FeatureValue) per reference reading of a valid event.
+    """(key, ValidEvent | Rejected) -> (feature, PartialSummary) per reference reading, window and partition.
 
     It reads DecodeEvents' output, so events are decoded and validated once;
-    rejected records are the scoring path's to report.
+    rejected records are the scoring path's to report. The evidence of a
+    reading is its record's source watermark.
     """
 
-    def __init__(self, features: tuple[str, ...]):
+    def __init__(self, features: tuple[str, ...], reference: DriftReference, window_ms: int):
         self._features = features
+        self._reference = reference
+        self._window_ms = window_ms
 
-    def process(self, element: tuple[str, Any]) -> Iterator[TimestampedValue]:
+    def start_bundle(self) -> None:
+        self._partials = PartialSummaries(self._reference, self._window_ms)
+
+    def process(self, element: tuple[str, Any]) -> None:
         _, event = element
         if not isinstance(event, ValidEvent):
             return
         partition = partition_key(event.source.topic, event.source.partition)
-        timestamp = Timestamp.of(event.event_time / 1000)
         for feature in self._features:
-            value = FeatureValue(feature, event.event_time, event.device_id, event.readings.get(feature),
-                                 partition, event.watermark_ms)
-            yield TimestampedValue((feature, value), timestamp)
+            self._partials.add(feature, event.event_time, partition, event.watermark_ms, event.device_id,
+                               event.readings.get(feature))
+
+    def finish_bundle(self):
+        yield from self._partials.emit()
 
 
 class _ScoreValueFn(beam.DoFn):
-    """Score message -> (__score__, FeatureValue) at the score's event time; other messages pass by.
+    """Score messages -> (__score__, PartialSummary) per window and partition; other messages pass by.
 
     RunInference emits its batches at the end of the global window, so the
-    event time (the message timestamp) is restored here. It is also the
+    score's event time (the message timestamp) picks the window. It is also the
     live evidence: see the module docstring.
     """
 
-    def __init__(self, wire_format: str):
+    def __init__(self, wire_format: str, reference: DriftReference, window_ms: int):
         self._wire_format = wire_format
+        self._reference = reference
+        self._window_ms = window_ms
 
     def setup(self) -> None:
-        self._decode = AvroDecoder(SCORE, self._wire_format)
+        self._read = ScoreHeadReader(self._wire_format)  # the job's own score bytes: device_id and score only
 
-    def process(self, message: OutgoingMessage) -> Iterator[TimestampedValue]:
+    def start_bundle(self) -> None:
+        self._partials = PartialSummaries(self._reference, self._window_ms)
+
+    def process(self, message: OutgoingMessage) -> None:
         if message.stream != SCORES:
             return
-        score = self._decode(message.value)
+        device_id, score = self._read(message.value)
         partition = partition_key(message.source.topic, message.source.partition)
-        value = FeatureValue(SCORE_FEATURE, message.timestamp_ms, score["device_id"], score["score"], partition,
-                             message.timestamp_ms)
-        yield TimestampedValue((SCORE_FEATURE, value), Timestamp.of(message.timestamp_ms / 1000))
+        self._partials.add(SCORE_FEATURE, message.timestamp_ms, partition, message.timestamp_ms, device_id, score)
+
+    def finish_bundle(self):
+        yield from self._partials.emit()
 
 
-def _summarise(reference: DriftReference, summary: Optional[WindowSummary], value: FeatureValue) -> WindowSummary:
-    """The window's summary with `value` added (a new one for the first value): both paths add values alike."""
-    feature_reference = reference.features[value.feature]
-    summary = summary or WindowSummary.empty(feature_reference)
-    summary.add(feature_reference, value.device_id, value.value)
-    return summary
+def _merged(reference: DriftReference, feature: str, summary: Optional[WindowSummary],
+            partial: PartialSummary) -> WindowSummary:
+    """`summary` (a new one when None) with the partial's values added; the partial is left as it was."""
+    summary = summary or WindowSummary.empty(reference.features[feature])
+    return summary.merge(partial.summary)
 
 
 class _SummaryFn(beam.CombineFn):
-    """FeatureValues of one feature and window -> WindowSummary (None while empty)."""
+    """PartialSummaries of one feature and window -> WindowSummary (None while empty)."""
 
     def __init__(self, reference: DriftReference):
         self._reference = reference
@@ -141,8 +145,8 @@ class _SummaryFn(beam.CombineFn):
     def create_accumulator(self) -> Optional[WindowSummary]:
         return None
 
-    def add_input(self, summary: Optional[WindowSummary], value: FeatureValue) -> WindowSummary:
-        return _summarise(self._reference, summary, value)
+    def add_input(self, summary: Optional[WindowSummary], partial: PartialSummary) -> WindowSummary:
+        return _merged(self._reference, partial.feature, summary, partial)
 
     def merge_accumulators(self, summaries) -> Optional[WindowSummary]:
         merged = None
@@ -235,6 +239,7 @@ class _DriftMessagesFn(beam.DoFn):
         self._records = records
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._records.setup()
 
     def process(self, element: tuple[str, dict], run_state=beam.DoFn.StateParam(RUN)) -> Iterator[OutgoingMessage]:
@@ -252,7 +257,7 @@ def _by_feature(stats: dict) -> tuple[str, dict]:
 
 
 class _WindowedDrift(beam.PTransform):
-    """Bounded runs: (feature, FeatureValue) at event times -> drift and retrain OutgoingMessages, by Beam windows."""
+    """Bounded runs: (feature, PartialSummary) in their windows -> drift and retrain OutgoingMessages, by Beam windows."""
 
     def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords):
         super().__init__()
@@ -302,7 +307,7 @@ class _FeatureWindows:
 
 
 class _LiveWindowsFn(beam.DoFn):
-    """Streaming, keyed by feature: FeatureValues in; drift and retrain messages as the evidence closes windows.
+    """Streaming, keyed by feature: PartialSummaries in; drift and retrain messages as the evidence closes windows.
 
     No timer, no GroupByKey: see the module docstring for why and when a window closes.
     """
@@ -316,27 +321,28 @@ class _LiveWindowsFn(beam.DoFn):
         self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._records.setup()
 
     def start_bundle(self) -> None:
         self._bundle = uuid.uuid4().hex
 
-    def process(self, element: tuple[str, FeatureValue],
+    def process(self, element: tuple[str, PartialSummary],
                 state=beam.DoFn.StateParam(WINDOWS)) -> Iterator[OutgoingMessage]:
-        _, value = element
+        _, partial = element
         windows: _FeatureWindows = state.read() or _FeatureWindows()
-        self._add(windows, value)
-        windows.observe(value.partition, value.evidence_ms, self._bundle)
-        yield from self._close(value.feature, windows, windows.fleet_evidence())
+        self._add(windows, partial)
+        windows.observe(partial.partition, partial.evidence_ms, self._bundle)
+        yield from self._close(partial.feature, windows, windows.fleet_evidence())
         state.write(windows)
 
-    def _add(self, windows: _FeatureWindows, value: FeatureValue) -> None:
-        """Adds the value to its window, unless that window has closed (then it is counted late)."""
-        start = value.event_time - value.event_time % self._window_ms
+    def _add(self, windows: _FeatureWindows, partial: PartialSummary) -> None:
+        """Adds the values to their window, unless that window has closed (then they are counted late)."""
+        start = partial.window_start
         if start + self._window_ms <= windows.closed_through:
-            self._late.inc()
+            self._late.inc(partial.summary.events)
             return
-        windows.open[start] = _summarise(self._reference, windows.open.get(start), value)
+        windows.open[start] = _merged(self._reference, partial.feature, windows.open.get(start), partial)
 
     def _close(self, feature: str, windows: _FeatureWindows, through_ms: int) -> Iterator[OutgoingMessage]:
         """Closes, in order, the windows that end at or before `through_ms`."""
@@ -362,13 +368,14 @@ class ComputeDrift(beam.PTransform):
         self._reference = reference
         self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
         self._window_s = window_s
+        self._window_ms = int(window_s * 1000)
         self._retrain_after = retrain_after_windows
         self._thresholds = thresholds
         self._wire_format = wire_format
         self._live = live
 
     def _drift(self, retrain_after: int) -> beam.PTransform:
-        """(feature, FeatureValue) -> messages, by the closing rule `live` picks."""
+        """(feature, PartialSummary) -> messages, by the closing rule `live` picks."""
         records = _DriftRecords(self._reference, self._thresholds, retrain_after, self._wire_format)
         if self._live:
             return beam.ParDo(_LiveWindowsFn(self._reference, self._window_s, records))
@@ -378,12 +385,12 @@ class ComputeDrift(beam.PTransform):
         decoded, messages = inputs
         readings = (
             decoded
-            | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings))
+            | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings, self._reference, self._window_ms))
             | "ReadingDrift" >> self._drift(self._retrain_after)
         )
         scores = (
             messages
-            | "ScoreValues" >> beam.ParDo(_ScoreValueFn(self._wire_format))
+            | "ScoreValues" >> beam.ParDo(_ScoreValueFn(self._wire_format, self._reference, self._window_ms))
             | "ScoreDrift" >> self._drift(0)
         )
         return readings, scores

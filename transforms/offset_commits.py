@@ -20,6 +20,7 @@ from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from transforms.kafka_client import KafkaConfig, PartitionDescriptor, make_consumer
+from transforms.state_cache import skip_module_globals_scan
 
 _LOG = logging.getLogger(__name__)
 _METRICS = "offset_commits"
@@ -82,6 +83,7 @@ class _CommitContiguousFn(beam.DoFn):
         self._waiting = beam.metrics.Metrics.gauge(_METRICS, "spans_waiting_for_gap")
 
     def setup(self) -> None:
+        skip_module_globals_scan()
         self._consumer = make_consumer(self._config, group_id=self._group_id)
 
     def teardown(self) -> None:

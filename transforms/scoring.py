@@ -49,7 +49,8 @@ class PassThroughModelHandler(ModelHandler):
     (key, exception) for each of its events instead of failing the bundle:
     a failure output of its own would need a Flatten to reach the sink.
     Rows of models with different feature counts (a canary or shadow) are
-    run as separate batches, since rows of one batch are stacked.
+    run as separate batches, since rows of one batch are stacked. Rows and
+    results are numpy arrays (see models/handler.py).
     """
 
     def __init__(self, base: ModelHandler):
@@ -75,8 +76,8 @@ class PassThroughModelHandler(ModelHandler):
         return results
 
     def get_num_bytes(self, batch: Sequence[tuple[Any, Any]]) -> int:
-        scored = [element for element in batch if element[1] is not None]
-        return self._base.get_num_bytes(scored) if scored else 0
+        """Bytes of the model input rows (the base handler pickles the keys and walks each row element by element)."""
+        return sum(example.nbytes for _, example in batch if example is not None)
 
     def get_metrics_namespace(self) -> str:
         return self._base.get_metrics_namespace()
