@@ -123,6 +123,15 @@ def test_adding_values_at_once_equals_adding_them_one_by_one():
         assert other.mean == pytest.approx(moments.mean, rel=1e-12) and other.m2 == pytest.approx(moments.m2, rel=1e-10)
 
 
+def test_a_summary_pickled_with_a_devices_dict_still_loads():
+    old_form = {"psi_counts": np.zeros(10, np.int64), "ks_counts": np.zeros(100, np.int64), "events": 3,
+                "missing": 0, "devices": {"d2": Moments(2, 1.0, 0.5), "d1": Moments(1, 3.0, 0.0)}}
+    summary = WindowSummary.__new__(WindowSummary)
+    summary.__setstate__(old_form)
+    assert [(d, m.n, m.mean, m.m2) for d, m in summary.devices.items()] == [("d1", 1, 3.0, 0.0), ("d2", 2, 1.0, 0.5)]
+    assert summary.pooled().n == 3
+
+
 def test_summary_survives_pickle_and_deepcopy():
     summary = summary_of([1.0, None, 12.0])
     for clone in (pickle.loads(pickle.dumps(summary)), copy.deepcopy(summary)):
