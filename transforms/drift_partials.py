@@ -3,7 +3,7 @@
 The drift branch used to send every reading of every event (six per event,
 plus the score) downstream as its own element; windowing, combining and
 the live windows' state then cost more per event than the device step (see
-docs/performance.md). The value DoFns now collect a bundle's values per
+the README, Performance). The value DoFns now collect a bundle's values per
 (feature, event-time window, partition) and, when the bundle finishes,
 emit each group as one :class:`~transforms.drift_stats.WindowSummary`,
 built with numpy (``WindowSummary.add_many``). Counts and bins are exact;

@@ -7,7 +7,7 @@ default objsize first collects the globals of every module in
 Beam loaded (about 2,800 modules) that is about 0.55 ms per call, and a
 ReadModifyWriteState write makes two calls (the clear and the new value),
 so it cost about 1.1 ms per event, more than everything else per event
-together (see docs/performance.md).
+together (see the README, Performance).
 
 Beam's own filter already skips modules, types and functions, the only ways
 from a state value to a module's globals, so leaving the scan out weighs
