@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from beam_jobs.embedded_broker import EmbeddedBroker
-from models.artifact import BUNDLED_MODEL_DIR, cached_artifact
+from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from schemas.serde import EVENT, AvroEncoder
 from transforms.device_state import DeviceLogic
 from transforms.kafka_client import KafkaConfig, end_offsets, ensure_topics, make_consumer, make_producer, partitions_of
@@ -36,7 +36,7 @@ PARTITIONS = 4
 
 def state_sizes(calibration_events: int, events: int) -> list[int]:
     """Pickled bytes of one device's state after each of `events` events."""
-    logic = DeviceLogic.for_artifact(cached_artifact(str(BUNDLED_MODEL_DIR)), 600_000, calibration_events)
+    logic = DeviceLogic.for_artifact(load_artifact(BUNDLED_MODEL_DIR), 600_000, calibration_events)
     state, sizes = None, []
     for i in range(events):
         readings = {f: 50.0 + (i % 5) for f in FEATURES}

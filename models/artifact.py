@@ -28,7 +28,6 @@ Flink workers).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -91,10 +90,6 @@ class ModelArtifact:
     @property
     def post_processing(self) -> PostProcessing:
         return PostProcessing(**self.spec["post_processing"])
-
-    @property
-    def head_path(self) -> str:
-        return str(self.path / _HEAD)
 
     @property
     def state_signature(self) -> str:
@@ -183,12 +178,6 @@ def _checked_weights(file: Path, expected_sha256: str) -> dict:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError) as e:
         raise ModelArtifactError(f"{file} is not a torch state_dict: {e}") from None
-
-
-@functools.lru_cache(maxsize=8)
-def cached_artifact(path: str) -> ModelArtifact:
-    """One load per worker process and path: DoFns share it."""
-    return load_artifact(path)
 
 
 def save_artifact(folder: Path, model: LstmForecaster, spec: dict[str, Any], model_card: str) -> ModelArtifact:

@@ -117,8 +117,8 @@ def fixed_models(artifact: ModelArtifact, calibration_events: int, quantize: str
 def folder_fingerprint(model_dir: str) -> tuple:
     """Changes whenever the artifact `model_dir` names, or any of its files, changes."""
     folder = resolve_model_dir(model_dir)
-    files = sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir() if f.is_file())
-    return str(folder), tuple(files)
+    stats = ((f.name, f.stat()) for f in folder.iterdir() if f.is_file())
+    return str(folder), tuple(sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats))
 
 
 class FolderWatcher(Generic[T]):
