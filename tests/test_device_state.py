@@ -12,7 +12,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from transforms.decode import ValidEvent
-from transforms.device_state import DeviceLogic, DeviceStateDoFn
+from transforms.device_state import MAX_TIMER_REARMS, DeviceLogic, DeviceStateDoFn
 from transforms.offset_commits import SourcePosition
 
 TTL_S = 10
@@ -181,3 +181,44 @@ def test_timer_set_on_the_first_event_follows_the_device_and_reclaims_it_once_id
     rows = _model_inputs(stream)
     assert rows["a-9000"][-1] > 0
     assert rows["a-9500"][-1] == 0.0
+
+
+class _CountingFirings(DeviceStateDoFn):
+    """DeviceStateDoFn that counts timer firings on a state in a class attribute (TestStream runs report few
+    metrics): every firing that finds a state asks DeviceLogic.may_clear once."""
+
+    fired = 0
+
+    def setup(self) -> None:
+        super().setup()
+        may_clear = self._logic.may_clear
+
+        def counted(state, source_watermark_ms: int) -> bool:
+            _CountingFirings.fired += 1
+            return may_clear(state, source_watermark_ms)
+
+        self._logic.may_clear = counted
+
+
+def test_timers_fired_ahead_of_the_data_back_off_instead_of_following_an_active_device():
+    """A device with an event every 9 s for 2,000 s while its partition's evidence never moves (what the
+    in-process runner's early firings look like): its timer backs off (11, 31, 71, ... 1,271 s, then two
+    more as the stream ends) and stops after MAX_TIMER_REARMS + 1 firings, never clearing the state.
+    Following the device (re-arming at last event + TTL at each firing) fired 231 times."""
+    stream = EventStream()
+    for i, t_s in enumerate(range(1, 2000, 9)):
+        stream = stream.add_elements([_ts(event("a", t_s * 1000, i, source_watermark_ms=500))])
+        stream = stream.advance_watermark_to(t_s + 8)
+    stream = stream.advance_watermark_to(2010)
+    options = PipelineOptions([])
+    options.view_as(StandardOptions).streaming = True
+    _CountingFirings.fired = 0
+    _KeepModelInputs.seen = {}
+    with beam.Pipeline(options=options) as pipeline:
+        _ = (pipeline
+             | stream
+             | beam.Map(lambda e: (e.device_id, e)).with_output_types(Tuple[str, Any])
+             | beam.ParDo(_CountingFirings(str(BUNDLED_MODEL_DIR), TTL_S, calibration_events=CALIBRATION))
+             | beam.ParDo(_KeepModelInputs()))
+    assert _CountingFirings.fired == MAX_TIMER_REARMS + 1
+    assert len(_KeepModelInputs.seen) == 223 and _KeepModelInputs.seen["a-1999000"][-1] > 0  # one state throughout

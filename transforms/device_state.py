@@ -14,16 +14,25 @@ Ordering and lateness policy (documented in the README):
   function of the in-order events; it is counted in ``out_of_order_events``.
 * Expiry is decided by the event stream alone: when a device's next event is
   ``state_ttl`` or more after its previous one, the state is reset first.
-* An event-time timer reclaims the memory of idle devices. It is set on a
-  device's first event, at ``first event + state_ttl``, not on every event:
-  when it fires and the device has had events since, it is re-armed at the
-  current expiry, ``last event + state_ttl``. Runners may fire it early (the
-  in-process FnApiRunner does with unbounded sources), so the timer clears
+* An event-time timer reclaims the memory of idle devices. It is set when a
+  device's state starts (its first event, or the first after a reset), at
+  ``first event + state_ttl``, not on every event: when it fires and the
+  device has had events since, it is re-armed at the current expiry,
+  ``last event + state_ttl``. Runners may fire it early, so the timer clears
   state only when the source watermark carried by this partition's records
   has passed the expiry time; then every later on-time event of the device
   would reset it anyway, and clearing cannot change a score. Otherwise the
-  timer is re-armed later, at most ``MAX_TIMER_REARMS`` times in a row; after
-  that the device's next in-order event arms it again.
+  firing counts as early and the timer is re-armed later, backing off, at
+  most ``MAX_TIMER_REARMS`` times in the state's life; then it stays unset
+  until the state is reset or cleared.
+* The in-process FnApiRunner fires every timer of an unbounded source in the
+  next bundle, whatever its time. A firing whose time is past every source
+  watermark this worker has seen (no runner honouring watermarks does that)
+  is early even when the device has had events since, so such a runner
+  fires each device's timer at most ``MAX_TIMER_REARMS + 1`` times instead
+  of once per bundle for as long as it is active. As before, it reclaims a
+  device there only if the evidence passes the device's expiry within those
+  firings (a flood of one-off ids followed by later data, say).
 """
 
 from __future__ import annotations
@@ -118,7 +127,6 @@ class DeviceLogic:
         if in_order:
             state.last_event_time = event_time
             state.partition = partition
-            state.rearms = 0
         return StepResult(state, model_input, imputed, calibrating, reset, in_order)
 
     def expires_at(self, state: DeviceState) -> int:
@@ -175,11 +183,10 @@ class DeviceStateDoFn(beam.DoFn):
         if event.watermark_ms > self._source_watermarks.get(partition, -1):
             self._source_watermarks[partition] = event.watermark_ms
         previous = device.read()
-        armed = previous is not None and previous.rearms <= MAX_TIMER_REARMS
         step = self._logic.on_event(previous, event.event_time, event.readings, partition)
         device.write(step.state)
         self._count(previous, step)
-        if step.in_order and not armed:  # an armed timer moves to the current expiry when it fires
+        if previous is None or step.reset:  # a new state: later events leave the timer to move itself
             expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
         yield ScoringContext(event, step.imputed, step.calibrating), step.model_input
 
@@ -209,13 +216,16 @@ class DeviceStateDoFn(beam.DoFn):
             self._expired.inc()
             self._live_devices.dec()
             return
-        if self._logic.expires_at(state) > fire_ms:  # events since it was set: not due yet
-            expiry.set(Timestamp.of(self._logic.expires_at(state) / 1000))
+        expires_ms = self._logic.expires_at(state)
+        ahead_of_the_data = fire_ms > max(self._source_watermarks.values(), default=-1)
+        if expires_ms > fire_ms and not ahead_of_the_data:  # events since it was set: not due yet
+            expiry.set(Timestamp.of(expires_ms / 1000))
             return
         self._early_timers.inc()
         if state.rearms < MAX_TIMER_REARMS:
             state.rearms += 1
-            expiry.set(Timestamp.of((fire_ms + self._logic.state_ttl_ms * 2**state.rearms) / 1000))
+            later_ms = fire_ms + self._logic.state_ttl_ms * 2**state.rearms
+            expiry.set(Timestamp.of(max(later_ms, expires_ms) / 1000))
         else:
-            state.rearms = MAX_TIMER_REARMS + 1  # no timer armed now: the next in-order event sets one
+            state.rearms = MAX_TIMER_REARMS + 1  # no timer now, until the state is reset or cleared
         device.write(state)
