@@ -53,9 +53,10 @@ class PassThroughModelHandler(ModelHandler):
     a failure output of its own would need a Flatten to reach the sink.
 
     Rows come in and results go out as numpy arrays (tensors are accepted
-    too): the runner samples elements and pickles them to estimate their
-    size, and a tensor pickles through torch.save, or with the whole
-    batch's storage for a row of the batch output.
+    too; see models.handler.rows_inference_fn): the runner samples elements
+    and pickles them to estimate their size, and a tensor pickles through
+    torch.save, or with the whole batch's storage for a row of the batch
+    output.
     """
 
     def __init__(self, base: ModelHandler):
@@ -71,8 +72,7 @@ class PassThroughModelHandler(ModelHandler):
         if not scored:
             return results
         try:
-            predictions = list(self._base.run_inference([_as_tensor(batch[i]) for i in scored], model,
-                                                        inference_args))
+            predictions = list(self._base.run_inference([batch[i] for i in scored], model, inference_args))
         except Exception as error:  # noqa: BLE001 - any model error becomes a dead letter
             predictions = [(batch[i][0], error) for i in scored]
         for i, prediction in zip(scored, predictions):
@@ -98,11 +98,6 @@ class PassThroughModelHandler(ModelHandler):
 
     def update_model_path(self, model_path=None):
         return self._base.update_model_path(model_path=model_path)
-
-
-def _as_tensor(element: tuple[Any, Any]) -> tuple[Any, torch.Tensor]:
-    key, example = element
-    return key, torch.from_numpy(example) if isinstance(example, np.ndarray) else example
 
 
 def _as_numpy(prediction: tuple[Any, Any]) -> tuple[Any, Any]:
