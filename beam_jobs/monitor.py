@@ -56,7 +56,9 @@ def prometheus_text(snapshot: dict) -> str:
     lines = []
     for name, help_text in (("events_read", "input records read"), ("scores", "scores written"),
                             ("dead_letters", "dead letters written"), ("anomalies", "anomalous scores"),
-                            ("drift", "drift statistics written"), ("retrain", "retrain triggers written")):
+                            ("drift", "drift statistics written"), ("retrain", "retrain triggers written"),
+                            ("devices_started", "device states started"),
+                            ("devices_expired", "idle device states reclaimed")):
         lines += [f"# HELP sensor_scoring_{name}_total {help_text}", f"# TYPE sensor_scoring_{name}_total counter",
                   f"sensor_scoring_{name}_total {snapshot.get(name, 0)}"]
     latencies = snapshot["latencies_ms"]
@@ -65,6 +67,9 @@ def prometheus_text(snapshot: dict) -> str:
     lines += [f'sensor_scoring_end_to_end_latency_ms{{quantile="{q}"}} {v}' for q, v in latency_quantiles(latencies).items()]
     lines += [f"sensor_scoring_end_to_end_latency_ms_sum {float(sum(latencies))}",
               f"sensor_scoring_end_to_end_latency_ms_count {len(latencies)}",
+              "# HELP sensor_scoring_live_devices devices holding state now (started - reclaimed)",
+              "# TYPE sensor_scoring_live_devices gauge",
+              f"sensor_scoring_live_devices {snapshot.get('devices_started', 0) - snapshot.get('devices_expired', 0)}",
               "# HELP sensor_scoring_consumer_lag records of the partition not yet answered for",
               "# TYPE sensor_scoring_consumer_lag gauge"]
     for key, lag in snapshot["lag"].items():

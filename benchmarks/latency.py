@@ -140,7 +140,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2000.0, help="events per second written (default 2000)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to feed (default 30)")
     parser.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
-    parser.add_argument("--job_args", default="", help="extra job flags, e.g. '--direct_num_workers 2'")
+    parser.add_argument("--job_args", default="", help="extra job flags, e.g. '--state_ttl_s 60'")
     return parser.parse_args(argv)
 
 

@@ -7,7 +7,8 @@
 2. The real streaming job in a child process against an embedded broker:
    its RSS when idle, after one event from each of ``--devices`` new devices
    has been scored, and after their state expired (an event per partition
-   carrying the source watermark past the expiry time, then a wait).
+   carrying the source watermark past the expiry time, then a wait), with
+   the devices holding state at each point (the job's /metrics gauge).
 
 Prints one line per figure and a JSON summary last.
 """
@@ -21,9 +22,10 @@ import pickle
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
-from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.embedded_broker import EmbeddedBroker, free_port
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from schemas.serde import EVENT, AvroEncoder
 from transforms.device_state import DeviceLogic
@@ -61,6 +63,15 @@ def produced(config: KafkaConfig, topic: str) -> int:
         consumer.close()
 
 
+def live_devices(metrics_port: int) -> int:
+    """The job's sensor_scoring_live_devices gauge: devices holding state now."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("sensor_scoring_live_devices "):
+                return int(line.split()[1])
+    raise RuntimeError("the job's /metrics has no sensor_scoring_live_devices")
+
+
 def wait_until(condition, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -92,29 +103,32 @@ def tick(config: KafkaConfig, event_time: int) -> None:
 
 
 def job_rss(devices: int, state_ttl_s: float, log: Path) -> dict:
-    """RSS of the streaming job idle, after the flood, and after expiry."""
+    """RSS and live devices of the streaming job idle, after the flood, and after expiry."""
+    metrics_port = free_port()
     with EmbeddedBroker() as broker:
         config = KafkaConfig(broker.bootstrap_servers)
         ensure_topics(config, ["in", "scores"], partitions=PARTITIONS)
         with open(log, "w") as out:
             job = subprocess.Popen(
                 [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", broker.bootstrap_servers,
-                 "--input_topic", "in", "--score_topic", "scores", "--state_ttl_s", str(state_ttl_s)],
+                 "--input_topic", "in", "--score_topic", "scores", "--state_ttl_s", str(state_ttl_s),
+                 "--metrics_port", str(metrics_port)],
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
         try:
             start_ms = int(time.time() * 1000) - 3_600_000
             tick(config, start_ms - 1)
             wait_until(lambda: produced(config, "scores") >= PARTITIONS, 120)
-            figures = {"idle_mib": rss_mib(job.pid)}
+            figures = {"idle_mib": rss_mib(job.pid), "live_devices_idle": live_devices(metrics_port)}
             started = time.monotonic()
             flood(config, devices, start_ms)
             wait_until(lambda: produced(config, "scores") >= devices + PARTITIONS, 1800)
-            figures |= {"after_flood_mib": rss_mib(job.pid), "flood_s": round(time.monotonic() - started, 1)}
+            figures |= {"after_flood_mib": rss_mib(job.pid), "flood_s": round(time.monotonic() - started, 1),
+                        "live_devices_after_flood": live_devices(metrics_port)}
             tick(config, start_ms + int(state_ttl_s * 1000) * 3)
             # Scored once the expiry timers the ticks released have run: the runner works them off first.
             wait_until(lambda: produced(config, "scores") >= devices + 2 * PARTITIONS, 1800)
             time.sleep(max(30.0, 3 * state_ttl_s))
-            figures["after_expiry_mib"] = rss_mib(job.pid)
+            figures |= {"after_expiry_mib": rss_mib(job.pid), "live_devices_after_expiry": live_devices(metrics_port)}
             return figures
         finally:
             job.kill()
@@ -137,6 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     rss = job_rss(args.devices, args.state_ttl_s, Path(args.log))
     print(f"job RSS: {rss['idle_mib']:.0f} MiB idle, {rss['after_flood_mib']:.0f} MiB after {args.devices} new "
           f"devices ({rss['flood_s']} s), {rss['after_expiry_mib']:.0f} MiB after their state expired", flush=True)
+    print(f"devices holding state: {rss['live_devices_idle']} idle, {rss['live_devices_after_flood']} after the "
+          f"flood, {rss['live_devices_after_expiry']} after expiry", flush=True)
     print(json.dumps({**summary, **rss, "devices": args.devices}))
 
 

@@ -13,7 +13,7 @@ from apache_beam.transforms.window import TimestampedValue
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from models.rollout import RolloutConfig
 from transforms.decode import ValidEvent
-from transforms.device_state import DeviceLogic, DeviceStateDoFn
+from transforms.device_state import DeviceLogic, DeviceStateDoFn, KeepDeviceState
 from transforms.offset_commits import SourcePosition
 
 TTL_S = 10
@@ -183,3 +183,78 @@ def test_timer_set_on_the_first_event_follows_the_device_and_reclaims_it_once_id
     rows = _model_inputs(stream)
     assert rows["a-9000"][-1] > 0
     assert rows["a-9500"][-1] == 0.0
+
+
+class _CountingFirings(DeviceStateDoFn):
+    """DeviceStateDoFn that counts timer firings on a state in a class attribute (TestStream runs report few
+    metrics): every firing that finds a state asks DeviceLogic.may_clear once."""
+
+    fired = 0
+
+    def setup(self) -> None:
+        super().setup()
+        may_clear = self._logic.may_clear
+
+        def counted(state, source_watermark_ms: int) -> bool:
+            _CountingFirings.fired += 1
+            return may_clear(state, source_watermark_ms)
+
+        self._logic.may_clear = counted
+
+
+def test_a_timer_fired_ahead_of_the_data_parks_the_device_instead_of_following_it():
+    """A device with an event every 9 s for 2,000 s while its partition's evidence never moves (what the
+    in-process runner's early firings look like): its timer fires once and the device is parked, with no
+    timer, never clearing the state. Following the device (re-arming at last event + TTL) fired 231 times."""
+    stream = EventStream()
+    for i, t_s in enumerate(range(1, 2000, 9)):
+        stream = stream.add_elements([_ts(event("a", t_s * 1000, i, source_watermark_ms=500))])
+        stream = stream.advance_watermark_to(t_s + 8)
+    stream = stream.advance_watermark_to(2010)
+    _CountingFirings.fired = 0
+    seen = _run(stream, lambda keyed: keyed | beam.ParDo(_CountingFirings(ROLLOUT, TTL_S)))
+    assert _CountingFirings.fired == 1
+    assert len(seen) == 223 and seen["a-1999000"][-1] > 0  # one state throughout
+
+
+def _run(stream: EventStream, device_state) -> dict:
+    """Runs `device_state` (a function of the keyed stream) on TestStream; head rows by event_id."""
+    options = PipelineOptions([])
+    options.view_as(StandardOptions).streaming = True
+    _KeepModelInputs.seen = {}
+    with beam.Pipeline(options=options) as pipeline:
+        keyed = pipeline | stream | beam.Map(lambda e: (e.device_id, e)).with_output_types(Tuple[str, Any])
+        _ = device_state(keyed) | beam.ParDo(_KeepModelInputs())
+    return dict(_KeepModelInputs.seen)
+
+
+def _parked_then(*later: ValidEvent) -> EventStream:
+    """a's two events carry evidence 0.5 s, so its timer (11 s), fired at watermark 20 s, parks it.
+    Each later event is a bundle of its own."""
+    stream = (EventStream()
+              .add_elements([_ts(event("a", 1000, 0, source_watermark_ms=500)), _ts(event("a", 2000, 1, 500))])
+              .advance_watermark_to(20))
+    for e in later:
+        stream = stream.add_elements([_ts(e)])
+    return stream.advance_watermark_to_infinity()
+
+
+def test_a_parked_device_is_cleared_when_its_partitions_evidence_passes_its_expiry():
+    """b's record carries evidence 30 s past a's expiry (12 s): the wake-up step sends a check down a's key
+    and a's state goes, so the late a-5000 starts afresh (kept, it would end a's calibration)."""
+    woken = _run(_parked_then(event("b", 30_000, 2), event("a", 5000, 3)),
+                 lambda keyed: keyed | KeepDeviceState(ROLLOUT, TTL_S))
+    assert woken["a-5000"][-1] == 0.0
+    kept = _run(_parked_then(event("b", 30_000, 2, source_watermark_ms=500), event("a", 5000, 3)),
+                lambda keyed: keyed | KeepDeviceState(ROLLOUT, TTL_S))
+    assert kept["a-5000"][-1] > 0
+
+
+def test_a_parked_device_with_events_since_is_parked_again_at_its_new_expiry():
+    """a is parked at 12 s, then sends at 10 s; evidence 16 s wakes it but its expiry is now 20 s: kept, so
+    a-17000 continues its state; evidence 40 s then clears it, and a-20000 starts afresh."""
+    rows = _run(_parked_then(event("a", 10_000, 2, 500), event("b", 16_000, 3), event("a", 17_000, 4, 500),
+                             event("b", 40_000, 5), event("a", 20_000, 6, 500)),
+                lambda keyed: keyed | KeepDeviceState(ROLLOUT, TTL_S))
+    assert rows["a-17000"][-1] > 0
+    assert rows["a-20000"][-1] == 0.0

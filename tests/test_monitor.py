@@ -26,6 +26,8 @@ def busy_stats() -> LiveStats:
     stats.written("drift", [None])
     for i in range(85):
         stats.scored(i < 3)
+    stats.add("devices_started", 7)
+    stats.add("devices_expired", 2)
     return stats
 
 
@@ -63,6 +65,7 @@ def test_metrics_endpoint_serves_prometheus_text_over_http():
     assert 'sensor_scoring_consumer_lag{topic="in",partition="0"} 10' in body
     assert re.search(r'sensor_scoring_end_to_end_latency_ms\{quantile="0.99"\} \d', body)
     assert "sensor_scoring_end_to_end_latency_ms_count 90" in body
+    assert "sensor_scoring_devices_expired_total 2" in body and "sensor_scoring_live_devices 5" in body
 
 
 def _free_port() -> int:

@@ -18,23 +18,26 @@ Ordering and lateness policy (documented in the README):
   function of the in-order events; it is counted in ``out_of_order_events``.
 * Expiry is decided by the event stream alone: when a device's next event is
   ``state_ttl`` or more after its previous one, the state is reset first.
-* An event-time timer reclaims the memory of idle devices. It is set on a
-  device's first event, at ``first event + state_ttl``, not on every event:
-  when it fires and the device has had events since, it is re-armed at the
-  current expiry, ``last event + state_ttl``. Runners may fire it early (the
-  in-process FnApiRunner does with unbounded sources), so the timer clears
-  state only when the source watermark carried by this partition's records
-  has passed the expiry time; then every later on-time event of the device
-  would reset it anyway, and clearing cannot change a score. Otherwise the
-  timer is re-armed later, at most ``MAX_TIMER_REARMS`` times in a row; after
-  that the device's next in-order event arms it again.
+* An event-time timer reclaims the memory of idle devices. It is set when a
+  device's state starts (its first event, or the first after a reset), at
+  ``first event + state_ttl``, not on every event: when it fires and the
+  device has had events since, it is re-armed at the current expiry,
+  ``last event + state_ttl``. The state is cleared only once the source
+  watermark carried by the device's partition has passed the expiry, so
+  clearing cannot change a score (:mod:`transforms.device_expiry`).
+* A firing whose partition evidence lags is re-armed later, backing off, at
+  most ``MAX_TIMER_REARMS`` times in the state's life. A firing ahead of
+  every source watermark this worker has seen (the in-process FnApiRunner
+  fires every timer of an unbounded source in its next round) and a firing
+  past the back-off park the device instead: it is cleared when its
+  partition's evidence passes its expiry, without a timer.
 """
 
 from __future__ import annotations
 
 import copy
 import uuid
-from typing import Iterator, NamedTuple, Optional
+from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 import numpy as np
@@ -49,16 +52,13 @@ from models.preprocessing import readings_vector
 from models.rollout import ModelSource, RolloutConfig, ServedModel, ServingModel, fixed_models, watch_models
 from transforms.dead_letters import Rejected
 from transforms.decode import ValidEvent
+from transforms.device_expiry import ExpiryCheck, WakeParkedDevicesFn, evidence_for
+from transforms.live_stats import LIVE
+from transforms.offset_commits import partition_key
 from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "device_state"
 MAX_TIMER_REARMS = 8
-
-# Highest source watermark seen per partition, per job, shared by every DoFn
-# instance in this worker process: a runner may fire a device's timer on an
-# instance other than the one that saw the evidence. A racy update can only
-# lower a value, which makes the expiry guard more cautious, never wrong.
-_SOURCE_WATERMARKS: dict[str, dict[str, int]] = {}
 
 
 class DeviceState:
@@ -145,7 +145,6 @@ class DeviceLogic:
             state.detectors = {signature: detector for signature, (detector, _, _) in stepped.items()}
             state.last_event_time = event_time
             state.partition = partition
-            state.rearms = 0
         return StepResult(state, steps, reset, in_order)
 
     @staticmethod
@@ -176,14 +175,15 @@ class DeviceStateDoFn(beam.DoFn):
     """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input row) out.
 
     Rejected records (keyed by partition) pass through as (Rejected, None),
-    touching no state, on their way to the one sink.
+    touching no state, on their way to the one sink. An ExpiryCheck (from
+    :class:`KeepDeviceState`'s wake-up step) yields nothing.
     """
 
     DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, rollout: RolloutConfig, state_ttl_s: float):
-        self._job_token = uuid.uuid4().hex
+    def __init__(self, rollout: RolloutConfig, state_ttl_s: float, job_token: Optional[str] = None):
+        self.job_token = job_token or uuid.uuid4().hex
         self._rollout = rollout
         self._state_ttl_ms = int(state_ttl_s * 1000)
         counter = beam.metrics.Metrics.counter
@@ -195,31 +195,33 @@ class DeviceStateDoFn(beam.DoFn):
         self._live_devices = counter(_METRICS, "devices_with_live_state")
         self._expired = counter(_METRICS, "state_expirations")
         self._early_timers = counter(_METRICS, "early_timer_firings")
+        self._parked = counter(_METRICS, "devices_parked")
 
     def setup(self) -> None:
         skip_module_globals_scan()
         self._logic = DeviceLogic(watch_models(self._rollout), self._state_ttl_ms)
-        self._source_watermarks = _SOURCE_WATERMARKS.setdefault(self._job_token, {})
+        self._evidence = evidence_for(self.job_token)
 
     def process(
         self,
-        element: tuple[str, ValidEvent | Rejected],
+        element: tuple[str, ValidEvent | Rejected | ExpiryCheck],
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[tuple[ScoringContext | Rejected, np.ndarray | None]]:
-        _, event = element
+        device_id, event = element
         if isinstance(event, Rejected):
             yield event, None
             return
-        partition = f"{event.source.topic}:{event.source.partition}"
-        if event.watermark_ms > self._source_watermarks.get(partition, -1):
-            self._source_watermarks[partition] = event.watermark_ms
+        if isinstance(event, ExpiryCheck):
+            self._check_parked(device_id, device)
+            return
+        partition = partition_key(event.source.topic, event.source.partition)
+        self._evidence.observe(partition, event.watermark_ms)
         previous = device.read()
-        armed = previous is not None and previous.rearms <= MAX_TIMER_REARMS
         step = self._logic.on_event(previous, event.event_time, event.readings, partition, event.device_id)
         device.write(step.state)
         self._count(previous, step)
-        if step.in_order and not armed:  # an armed timer moves to the current expiry when it fires
+        if previous is None or step.reset:  # a new state: later events leave the timer to move itself
             expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
         for model_step in step.steps:
             context = ScoringContext(event, model_step.imputed, model_step.calibrating, model_step.model)
@@ -230,34 +232,69 @@ class DeviceStateDoFn(beam.DoFn):
         if previous is None:
             self._new_devices.inc()
             self._live_devices.inc()
+            LIVE.add("devices_started")
         if step.reset:
             self._resets.inc()
         if not step.in_order:
             self._out_of_order.inc()
 
+    def _clear_if_expired(self, state: DeviceState, device) -> bool:
+        if not self._logic.may_clear(state, self._evidence.watermark(state.partition)):
+            return False
+        device.clear()
+        self._expired.inc()
+        self._live_devices.dec()
+        LIVE.add("devices_expired")
+        return True
+
+    def _park(self, state: DeviceState, device_id: str) -> None:
+        self._parked.inc()
+        self._evidence.park(state.partition, self._logic.expires_at(state), device_id)
+
+    def _check_parked(self, device_id: str, device) -> None:
+        state: Optional[DeviceState] = device.read()
+        if state is not None and not self._clear_if_expired(state, device):
+            self._park(state, device_id)  # events since it was parked: wait for the new expiry
+
     @on_timer(EXPIRY)
     def expire(
         self,
+        device_id=beam.DoFn.KeyParam,
         fire_time=beam.DoFn.TimestampParam,
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> None:
         state: Optional[DeviceState] = device.read()
-        if state is None:
+        if state is None or self._clear_if_expired(state, device):
             return
         fire_ms = fire_time.micros // 1000
-        if self._logic.may_clear(state, self._source_watermarks.get(state.partition, -1)):
-            device.clear()
-            self._expired.inc()
-            self._live_devices.dec()
+        expires_ms = self._logic.expires_at(state)
+        if fire_ms > self._evidence.newest_watermark():  # fired ahead of all the data: the runner fires early
+            self._park(state, device_id)
             return
-        if self._logic.expires_at(state) > fire_ms:  # events since it was set: not due yet
-            expiry.set(Timestamp.of(self._logic.expires_at(state) / 1000))
+        if expires_ms > fire_ms:  # events since it was set: not due yet
+            expiry.set(Timestamp.of(expires_ms / 1000))
             return
-        self._early_timers.inc()
+        self._early_timers.inc()  # due, but the partition's evidence lags the watermark
         if state.rearms < MAX_TIMER_REARMS:
             state.rearms += 1
+            device.write(state)
             expiry.set(Timestamp.of((fire_ms + self._logic.state_ttl_ms * 2**state.rearms) / 1000))
         else:
-            state.rearms = MAX_TIMER_REARMS + 1  # no timer armed now: the next in-order event sets one
-        device.write(state)
+            self._park(state, device_id)
+
+
+class KeepDeviceState(beam.PTransform):
+    """DecodeEvents' keyed stream in, DeviceStateDoFn's output out, with parked devices woken on the way."""
+
+    def __init__(self, rollout: RolloutConfig, state_ttl_s: float):
+        super().__init__()
+        self._device_state = DeviceStateDoFn(rollout, state_ttl_s)
+
+    def expand(self, keyed: beam.PCollection[tuple[str, Any]]) -> beam.PCollection:
+        return (
+            keyed
+            | "WakeParkedDevices" >> beam.ParDo(WakeParkedDevicesFn(self._device_state.job_token))
+            .with_output_types(Tuple[str, Any])
+            | "Step" >> beam.ParDo(self._device_state)
+        )

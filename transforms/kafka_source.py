@@ -152,7 +152,8 @@ class _ReadPartitionFn(beam.DoFn):
         emitted = 0
         while emitted < self._max_records and time.monotonic() < deadline and not _DRAINING.is_set():
             poll_started = time.monotonic()
-            batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=self._max_records - emitted).get(tp)
+            asked = self._max_records - emitted
+            batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=asked).get(tp)
             if not batch:
                 if consumer.position(tp) >= restriction.stop:
                     tracker.try_claim(restriction.stop)  # the bounded range is read
@@ -180,6 +181,8 @@ class _ReadPartitionFn(beam.DoFn):
             LIVE.batch_read(partition_key(tp.topic, tp.partition), batch[0].offset, len(batch), consumer.highwater(tp))
             self._records_read.inc(len(batch))
             watermark.set_watermark(Timestamp.of(wm_ms / 1000))
+            if len(batch) < asked:
+                break  # caught up: hand what was read on now instead of polling until the call's deadline
         tracker.defer_remainder()
 
 

@@ -38,7 +38,8 @@ class LiveStats:
         self._highwater: dict[str, int] = {}
         self._written_to: dict[str, int] = {}
         self._latencies: deque[int] = deque(maxlen=MAX_LATENCIES)
-        self._counts = {"events_read": 0, "scores": 0, "dead_letters": 0, "anomalies": 0}
+        self._counts = {"events_read": 0, "scores": 0, "dead_letters": 0, "anomalies": 0,
+                        "devices_started": 0, "devices_expired": 0}
 
     def batch_read(self, key: str, first_offset: int, count: int, highwater: Optional[int]) -> None:
         """The source polled `count` records of partition `key` from `first_offset` on, now."""
@@ -75,6 +76,11 @@ class LiveStats:
         if is_anomaly:
             with self._lock:
                 self._counts["anomalies"] += 1
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Adds to a running count, such as ``devices_started`` or ``devices_expired``."""
+        with self._lock:
+            self._counts[name] = self._counts.get(name, 0) + n
 
     def _read_ms(self, key: str, offset: int) -> Optional[int]:
         offsets = self._batch_offsets.get(key)

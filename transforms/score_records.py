@@ -6,7 +6,7 @@ import apache_beam as beam
 
 from models.rollout import RolloutConfig
 from transforms.decode import DecodeEvents
-from transforms.device_state import DeviceStateDoFn
+from transforms.device_state import KeepDeviceState
 from transforms.kafka_sink import OutgoingMessage
 from transforms.scoring import ScoreEvents
 
@@ -41,7 +41,7 @@ class ScoreSensorRecords(beam.PTransform):
         decoded = records | "Decode" >> DecodeEvents(self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env)
         messages = (
             decoded
-            | "DeviceState" >> beam.ParDo(DeviceStateDoFn(self._rollout, self._state_ttl_s))
+            | "DeviceState" >> KeepDeviceState(self._rollout, self._state_ttl_s)
             | "Score" >> ScoreEvents(max_batch_size=self._max_batch_size, wire_format=self._wire_format,
                                      device=self._inference_device, audit=self._audit)
         )
