@@ -1,6 +1,6 @@
 """Memory under a flood of distinct device ids, and after their state expires.
 
-    python -m benchmarks.memory [--devices 100000] [--state_ttl_s 10]
+    python -m benchmarks.memory [--devices 100000] [--floods 2] [--state_ttl_s 10]
 
 1. Per-device state: the pickled size of a DeviceState (what Beam state
    holds per device) through calibration and after it.
@@ -8,7 +8,10 @@
    its RSS when idle, after one event from each of ``--devices`` new devices
    has been scored, and after their state expired (an event per partition
    carrying the source watermark past the expiry time, then a wait), with
-   the devices holding state at each point (the job's /metrics gauge).
+   the devices holding state at each point (the job's /metrics gauge); then
+   again with other new devices, ``--floods`` times in all. The process heap
+   keeps what a flood freed for reuse, so the second flood, not the first
+   expiry, shows whether memory stays bounded.
 
 Prints one line per figure and a JSON summary last.
 """
@@ -80,11 +83,11 @@ def wait_until(condition, timeout_s: float) -> None:
         time.sleep(2)
 
 
-def flood(config: KafkaConfig, devices: int, start_ms: int) -> None:
+def flood(config: KafkaConfig, devices: int, start_ms: int, prefix: str = "flood") -> None:
     """One event from each of `devices` never-seen devices, keyed and timestamped as producers should."""
     encode, producer = AvroEncoder(EVENT), make_producer(config)
     for d in range(devices):
-        event = {"event_id": f"flood-{d}", "device_id": f"flood-{d:06d}", "event_time": start_ms + d % 1000,
+        event = {"event_id": f"{prefix}-{d}", "device_id": f"{prefix}-{d:06d}", "event_time": start_ms + d % 1000,
                  "readings": {f: 50.0 for f in FEATURES}}
         producer.send("in", key=event["device_id"].encode(), value=encode(event), timestamp_ms=event["event_time"])
     producer.flush()
@@ -95,15 +98,15 @@ def tick(config: KafkaConfig, event_time: int) -> None:
     """An event on every partition, so each partition's source watermark passes the flood's expiry."""
     encode, producer = AvroEncoder(EVENT), make_producer(config)
     for p in range(PARTITIONS):
-        event = {"event_id": f"tick-{p}", "device_id": f"tick-{p}", "event_time": event_time,
+        event = {"event_id": f"tick-{p}-{event_time}", "device_id": f"tick-{p}", "event_time": event_time,
                  "readings": {f: 50.0 for f in FEATURES}}
         producer.send("in", value=encode(event), partition=p, timestamp_ms=event_time)
     producer.flush()
     producer.close()
 
 
-def job_rss(devices: int, state_ttl_s: float, log: Path) -> dict:
-    """RSS and live devices of the streaming job idle, after the flood, and after expiry."""
+def job_rss(devices: int, floods: int, state_ttl_s: float, log: Path) -> dict:
+    """RSS and live devices of the streaming job idle, then after each flood and after its expiry."""
     metrics_port = free_port()
     with EmbeddedBroker() as broker:
         config = KafkaConfig(broker.bootstrap_servers)
@@ -115,20 +118,28 @@ def job_rss(devices: int, state_ttl_s: float, log: Path) -> dict:
                  "--metrics_port", str(metrics_port)],
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
         try:
+            ttl_ms = int(state_ttl_s * 1000)
             start_ms = int(time.time() * 1000) - 3_600_000
             tick(config, start_ms - 1)
-            wait_until(lambda: produced(config, "scores") >= PARTITIONS, 120)
-            figures = {"idle_mib": rss_mib(job.pid), "live_devices_idle": live_devices(metrics_port)}
-            started = time.monotonic()
-            flood(config, devices, start_ms)
-            wait_until(lambda: produced(config, "scores") >= devices + PARTITIONS, 1800)
-            figures |= {"after_flood_mib": rss_mib(job.pid), "flood_s": round(time.monotonic() - started, 1),
-                        "live_devices_after_flood": live_devices(metrics_port)}
-            tick(config, start_ms + int(state_ttl_s * 1000) * 3)
-            # Scored once the expiry timers the ticks released have run: the runner works them off first.
-            wait_until(lambda: produced(config, "scores") >= devices + 2 * PARTITIONS, 1800)
-            time.sleep(max(30.0, 3 * state_ttl_s))
-            figures |= {"after_expiry_mib": rss_mib(job.pid), "live_devices_after_expiry": live_devices(metrics_port)}
+            scored = PARTITIONS
+            wait_until(lambda: produced(config, "scores") >= scored, 120)
+            figures = {"idle_mib": rss_mib(job.pid), "live_devices_idle": live_devices(metrics_port), "floods": []}
+            for round_ in range(floods):
+                flood_ms = start_ms + round_ * 4 * ttl_ms
+                started = time.monotonic()
+                flood(config, devices, flood_ms, prefix=f"flood{round_}")
+                scored += devices
+                wait_until(lambda: produced(config, "scores") >= scored, 1800)
+                figures["floods"].append({"after_flood_mib": rss_mib(job.pid),
+                                          "flood_s": round(time.monotonic() - started, 1),
+                                          "live_devices_after_flood": live_devices(metrics_port)})
+                tick(config, flood_ms + 3 * ttl_ms)
+                scored += PARTITIONS
+                # Scored once the checks the ticks released have run: the runner works them off first.
+                wait_until(lambda: produced(config, "scores") >= scored, 1800)
+                time.sleep(max(30.0, 3 * state_ttl_s))
+                figures["floods"][-1] |= {"after_expiry_mib": rss_mib(job.pid),
+                                          "live_devices_after_expiry": live_devices(metrics_port)}
             return figures
         finally:
             job.kill()
@@ -137,7 +148,10 @@ def job_rss(devices: int, state_ttl_s: float, log: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--devices", type=int, default=100_000)
+    parser.add_argument("--devices", type=int, default=100_000, help="new device ids per flood (default 100000)")
+    parser.add_argument("--floods", type=int, default=2,
+                        help="floods, each followed by its expiry: a second shows whether freed memory is reused "
+                             "(default 2)")
     parser.add_argument("--state_ttl_s", type=float, default=10.0)
     parser.add_argument("--log", default="out/memory-benchmark-job.log")
     args = parser.parse_args(argv)
@@ -148,11 +162,12 @@ def main(argv: list[str] | None = None) -> None:
           f"at most {summary['state_bytes_calibrating_max']} B while calibrating (60 events), "
           f"{summary['state_bytes_calibrated']} B once calibrated", flush=True)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    rss = job_rss(args.devices, args.state_ttl_s, Path(args.log))
-    print(f"job RSS: {rss['idle_mib']:.0f} MiB idle, {rss['after_flood_mib']:.0f} MiB after {args.devices} new "
-          f"devices ({rss['flood_s']} s), {rss['after_expiry_mib']:.0f} MiB after their state expired", flush=True)
-    print(f"devices holding state: {rss['live_devices_idle']} idle, {rss['live_devices_after_flood']} after the "
-          f"flood, {rss['live_devices_after_expiry']} after expiry", flush=True)
+    rss = job_rss(args.devices, args.floods, args.state_ttl_s, Path(args.log))
+    print(f"job RSS idle: {rss['idle_mib']:.0f} MiB; devices holding state: {rss['live_devices_idle']}", flush=True)
+    for i, f in enumerate(rss["floods"], 1):
+        print(f"flood {i}: {f['after_flood_mib']:.0f} MiB after {args.devices} new devices ({f['flood_s']} s, "
+              f"{f['live_devices_after_flood']} holding state), {f['after_expiry_mib']:.0f} MiB after their expiry "
+              f"({f['live_devices_after_expiry']} holding state)", flush=True)
     print(json.dumps({**summary, **rss, "devices": args.devices}))
 
 
