@@ -83,24 +83,24 @@ def wait_until(condition, timeout_s: float) -> None:
         time.sleep(2)
 
 
-def flood(config: KafkaConfig, devices: int, start_ms: int, prefix: str = "flood") -> None:
+def flood(config: KafkaConfig, devices: int, start_ms: int, prefix: str = "flood", topic: str = "in") -> None:
     """One event from each of `devices` never-seen devices, keyed and timestamped as producers should."""
     encode, producer = AvroEncoder(EVENT), make_producer(config)
     for d in range(devices):
         event = {"event_id": f"{prefix}-{d}", "device_id": f"{prefix}-{d:06d}", "event_time": start_ms + d % 1000,
                  "readings": {f: 50.0 for f in FEATURES}}
-        producer.send("in", key=event["device_id"].encode(), value=encode(event), timestamp_ms=event["event_time"])
+        producer.send(topic, key=event["device_id"].encode(), value=encode(event), timestamp_ms=event["event_time"])
     producer.flush()
     producer.close()
 
 
-def tick(config: KafkaConfig, event_time: int) -> None:
+def tick(config: KafkaConfig, event_time: int, topic: str = "in", partitions: int = PARTITIONS) -> None:
     """An event on every partition, so each partition's source watermark passes the flood's expiry."""
     encode, producer = AvroEncoder(EVENT), make_producer(config)
-    for p in range(PARTITIONS):
+    for p in range(partitions):
         event = {"event_id": f"tick-{p}-{event_time}", "device_id": f"tick-{p}", "event_time": event_time,
                  "readings": {f: 50.0 for f in FEATURES}}
-        producer.send("in", value=encode(event), partition=p, timestamp_ms=event_time)
+        producer.send(topic, value=encode(event), partition=p, timestamp_ms=event_time)
     producer.flush()
     producer.close()
 
