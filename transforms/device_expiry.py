@@ -68,10 +68,6 @@ class ExpiryEvidence:
         with self._lock:
             heapq.heappush(self._parked.setdefault(partition, []), (expires_at_ms, device_id))
 
-    def parked(self) -> int:
-        with self._lock:
-            return sum(len(waiting) for waiting in self._parked.values())
-
     def due(self, partition: str, evidence_ms: int) -> list[tuple[int, str]]:
         """Pops the (expiry, device_id) of the partition's parked devices that `evidence_ms` has passed."""
         with self._lock:

@@ -182,8 +182,8 @@ class DeviceStateDoFn(beam.DoFn):
     DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, rollout: RolloutConfig, state_ttl_s: float, job_token: Optional[str] = None):
-        self.job_token = job_token or uuid.uuid4().hex
+    def __init__(self, rollout: RolloutConfig, state_ttl_s: float):
+        self.job_token = uuid.uuid4().hex  # pairs this DoFn with its wake-up step in each worker process
         self._rollout = rollout
         self._state_ttl_ms = int(state_ttl_s * 1000)
         counter = beam.metrics.Metrics.counter
