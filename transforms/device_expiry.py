@@ -52,6 +52,8 @@ class ExpiryEvidence:
         self._parked: dict[str, list[tuple[int, str]]] = {}
 
     def observe(self, partition: str, watermark_ms: int) -> None:
+        if watermark_ms <= self._watermarks.get(partition, -1):
+            return  # the common case, once per event: no lock (watermarks only grow)
         with self._lock:
             if watermark_ms > self._watermarks.get(partition, -1):
                 self._watermarks[partition] = watermark_ms
@@ -70,6 +72,12 @@ class ExpiryEvidence:
 
     def due(self, partition: str, evidence_ms: int) -> list[tuple[int, str]]:
         """Pops the (expiry, device_id) of the partition's parked devices that `evidence_ms` has passed."""
+        # The common case, once per event, takes no lock: a racing park is seen at the next record.
+        try:
+            if self._parked[partition][0][0] > evidence_ms:
+                return []
+        except (KeyError, IndexError):  # nothing parked for the partition (or another thread emptied it)
+            return []
         with self._lock:
             waiting = self._parked.get(partition)
             due = []
