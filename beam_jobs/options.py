@@ -41,6 +41,10 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         action="store_true",
         help="read each partition up to its end offset at launch, then finish (tests, replays, benchmarks); "
              "without it the job runs until stopped")),
+    ("Kafka", "--input_partitions", dict(
+        default=None,
+        help="comma-separated partitions of --input_topic this job reads, e.g. 0,2 (default: all); jobs on "
+             "disjoint partitions share the work, as --local_processes does")),
     ("Kafka", "--topic_partitions", dict(
         type=int, default=4, help="partitions of the topics the job creates because they are missing (default 4)")),
     ("Kafka", "--wire_format", dict(

@@ -32,7 +32,14 @@ from models.rollout import RolloutError
 from schemas.serde import DEAD_LETTER, SCORE
 from transforms.audit import AUDIT
 from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
-from transforms.kafka_client import BrokerUnavailable, KafkaSecurityError, ensure_topics, resolve_partitions
+from transforms.kafka_client import (
+    BrokerUnavailable,
+    KafkaSecurityError,
+    UnknownPartitions,
+    ensure_topics,
+    resolve_partitions,
+    select_partitions,
+)
 from transforms.kafka_sink import DEAD_LETTERS, SCORES, SHADOW_SCORES, STREAMS, WriteToKafka
 from transforms.kafka_source import ReadFromKafkaPartitions, request_drain
 from transforms.offset_commits import CommitOffsets
@@ -115,7 +122,9 @@ def prepare(opts: SensorScoringOptions):
     topics += [opts.shadow_score_topic] if opts.shadow_model_dir else []
     ensure_topics(config, topics,
                   partitions=opts.topic_partitions, timeout_s=opts.startup_timeout_s)
-    return resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
+    partitions = resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
+    return select_partitions(partitions, opts.input_partitions)
+
 
 
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
@@ -174,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run(argv)
     except (BrokerUnavailable, ModelArtifactError, RolloutError, RecordingError, KafkaSecurityError,
-            PseudonymizeKeyMissing) as e:
+            PseudonymizeKeyMissing, UnknownPartitions) as e:
         _LOG.error("%s", e)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -24,6 +24,7 @@ DEAD_LETTER = "sensors.DeadLetter"
 DRIFT = "sensors.DriftStatistics"
 RETRAIN = "sensors.RetrainTrigger"
 AUDIT = "sensors.AuditRecord"
+DRIFT_PARTIAL = "sensors.DriftPartial"
 WIRE_FORMATS = ("plain", "confluent")
 
 _CONFLUENT_MAGIC = 0

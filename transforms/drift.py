@@ -46,7 +46,6 @@ below the training reference, measured in tests/test_drift_job.py).
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
@@ -210,7 +209,8 @@ class _DriftRecords:
         """The record's message, and a RetrainTrigger's when `run` (this window's drift run) just got long enough."""
         key = stats["feature"].encode()
         yield OutgoingMessage(DRIFT_STREAM, key, self._encode_drift(stats), stats["window_end"], None)
-        if self._retrain_after and run is not None and run.windows == self._retrain_after:
+        if self._retrain_after and stats["feature"] != SCORE_FEATURE and run is not None \
+                and run.windows == self._retrain_after:
             self._triggers.inc()
             trigger = {"feature": stats["feature"], "model_version": stats["model_version"],
                        "first_window_start": run.first_window_start, "last_window_end": run.last_window_end,
@@ -324,15 +324,12 @@ class _LiveWindowsFn(beam.DoFn):
         skip_module_globals_scan()
         self._records.setup()
 
-    def start_bundle(self) -> None:
-        self._bundle = uuid.uuid4().hex
-
     def process(self, element: tuple[str, PartialSummary],
                 state=beam.DoFn.StateParam(WINDOWS)) -> Iterator[OutgoingMessage]:
         _, partial = element
         windows: _FeatureWindows = state.read() or _FeatureWindows()
         self._add(windows, partial)
-        windows.observe(partial.partition, partial.evidence_ms, self._bundle)
+        windows.observe(partial.partition, partial.evidence_ms, partial.bundle)
         yield from self._close(partial.feature, windows, windows.fleet_evidence())
         state.write(windows)
 
@@ -353,44 +350,63 @@ class _LiveWindowsFn(beam.DoFn):
         windows.closed_through = max(windows.closed_through, through_ms)
 
 
-class ComputeDrift(beam.PTransform):
-    """(DecodeEvents' output, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
+class DriftPartials(beam.PTransform):
+    """(DecodeEvents' output, scoring OutgoingMessages) in; (readings', scores') (feature, PartialSummary) out."""
 
-    Two branches and no Flatten: each ends in its own sink (see
-    transforms/kafka_sink.py on Flatten in the in-process runner). ``live``:
-    close windows on the values' watermark evidence, for streaming runs on
-    the in-process runner (see the module docstring); False: Beam windowing.
+    def __init__(self, reference: DriftReference, *, window_s: float, wire_format: str = "plain"):
+        super().__init__()
+        self._reference = reference
+        self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
+        self._window_ms = int(window_s * 1000)
+        self._wire_format = wire_format
+
+    def expand(self, inputs):
+        decoded, messages = inputs
+        readings = decoded | "ReadingValues" >> beam.ParDo(
+            _ReadingValuesFn(self._readings, self._reference, self._window_ms))
+        scores = messages | "ScoreValues" >> beam.ParDo(
+            _ScoreValueFn(self._wire_format, self._reference, self._window_ms))
+        return readings, scores
+
+
+class CloseDriftWindows(beam.PTransform):
+    """(feature, PartialSummary) in; drift and retrain OutgoingMessages out, as the windows close.
+
+    ``live``: close windows on the partials' watermark evidence, for streaming
+    runs on the in-process runner (see the module docstring); False: Beam
+    windowing. ``__score__`` windows never trigger retraining.
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
                  thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False):
         super().__init__()
         self._reference = reference
-        self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
         self._window_s = window_s
-        self._window_ms = int(window_s * 1000)
-        self._retrain_after = retrain_after_windows
-        self._thresholds = thresholds
-        self._wire_format = wire_format
+        self._records = _DriftRecords(reference, thresholds, retrain_after_windows, wire_format)
         self._live = live
 
-    def _drift(self, retrain_after: int) -> beam.PTransform:
-        """(feature, PartialSummary) -> messages, by the closing rule `live` picks."""
-        records = _DriftRecords(self._reference, self._thresholds, retrain_after, self._wire_format)
+    def expand(self, partials):
         if self._live:
-            return beam.ParDo(_LiveWindowsFn(self._reference, self._window_s, records))
-        return _WindowedDrift(self._reference, self._window_s, records)
+            windows = _LiveWindowsFn(self._reference, self._window_s, self._records)
+            return partials | "LiveWindows" >> beam.ParDo(windows)
+        return partials | "Windows" >> _WindowedDrift(self._reference, self._window_s, self._records)
+
+
+class ComputeDrift(beam.PTransform):
+    """(DecodeEvents' output, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
+
+    Two branches and no Flatten: each ends in its own sink (see
+    transforms/kafka_sink.py on Flatten in the in-process runner).
+    """
+
+    def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False):
+        super().__init__()
+        self._partials = DriftPartials(reference, window_s=window_s, wire_format=wire_format)
+        self._close = dict(reference=reference, window_s=window_s, retrain_after_windows=retrain_after_windows,
+                           thresholds=thresholds, wire_format=wire_format, live=live)
 
     def expand(self, inputs):
-        decoded, messages = inputs
-        readings = (
-            decoded
-            | "ReadingValues" >> beam.ParDo(_ReadingValuesFn(self._readings, self._reference, self._window_ms))
-            | "ReadingDrift" >> self._drift(self._retrain_after)
-        )
-        scores = (
-            messages
-            | "ScoreValues" >> beam.ParDo(_ScoreValueFn(self._wire_format, self._reference, self._window_ms))
-            | "ScoreDrift" >> self._drift(0)
-        )
-        return readings, scores
+        readings, scores = inputs | "Partials" >> self._partials
+        return (readings | "ReadingDrift" >> CloseDriftWindows(**self._close),
+                scores | "ScoreDrift" >> CloseDriftWindows(**self._close))

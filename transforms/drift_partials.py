@@ -13,19 +13,34 @@ statistics are those of the values added one by one up to float rounding.
 A partial carries the highest watermark evidence of its values (see
 transforms/drift.py): the live windows observe it once per partial, which
 is what observing each value gave, since only the maximum per partition and
-bundle counts.
+bundle counts. It also carries the id of the bundle that made it, as the
+rule "a partition's evidence counts from its next bundle on" needs.
+
+Partials are also the wire form between the scoring processes of a
+``--local_processes`` job and its drift merger: :class:`PartialsToMessagesFn`
+writes them as ``sensors.DriftPartial`` Avro records, keyed by input
+partition so one partition's partials stay in order, and
+:class:`PartialsFromRecordsFn` reads them back (beam_jobs/drift_merge.py).
 """
 
 from __future__ import annotations
 
+import uuid
 from typing import Iterator, NamedTuple, Optional
 
-from apache_beam.transforms.window import GlobalWindow
+import apache_beam as beam
+import numpy as np
+from apache_beam.transforms.window import GlobalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from models.drift_reference import DriftReference
+from schemas.serde import DRIFT_PARTIAL, AvroDecoder, AvroEncoder, SerdeError
 from transforms.drift_stats import WindowSummary
+from transforms.kafka_sink import OutgoingMessage
+from transforms.kafka_source import KafkaRecord
+
+DRIFT_PARTIALS_STREAM = "drift_partials"
 
 
 class PartialSummary(NamedTuple):
@@ -35,7 +50,30 @@ class PartialSummary(NamedTuple):
     window_start: int
     partition: str
     evidence_ms: int
+    bundle: str
     summary: WindowSummary
+
+    def to_record(self) -> dict:
+        """The ``sensors.DriftPartial`` record."""
+        summary = self.summary
+        return {
+            "feature": self.feature, "window_start": self.window_start, "partition": self.partition,
+            "evidence_ms": self.evidence_ms, "bundle": self.bundle, "events": summary.events,
+            "missing": summary.missing, "psi_counts": summary.psi_counts.tolist(),
+            "ks_counts": summary.ks_counts.tolist(), "device_ids": [i.decode() for i in summary.device_ids.tolist()],
+            "device_n": summary.device_n.tolist(), "device_mean": summary.device_mean.tolist(),
+            "device_m2": summary.device_m2.tolist(),
+        }
+
+    @classmethod
+    def from_record(cls, record: dict) -> PartialSummary:
+        summary = WindowSummary(
+            np.array(record["psi_counts"], np.int64), np.array(record["ks_counts"], np.int64),
+            record["events"], record["missing"], np.array([i.encode() for i in record["device_ids"]], dtype=bytes),
+            np.array(record["device_n"], np.int64), np.array(record["device_mean"], np.float64),
+            np.array(record["device_m2"], np.float64))
+        return cls(record["feature"], record["window_start"], record["partition"], record["evidence_ms"],
+                   record["bundle"], summary)
 
 
 class PartialSummaries:
@@ -45,6 +83,7 @@ class PartialSummaries:
         self._reference = reference
         self._window_ms = window_ms
         self._open: dict[tuple[str, int, str], list] = {}
+        self._bundle = uuid.uuid4().hex
 
     def add(self, feature: str, event_time: int, partition: str, evidence_ms: int, device_id: str,
             value: Optional[float]) -> None:
@@ -64,6 +103,46 @@ class PartialSummaries:
             reference = self._reference.features[feature]
             summary = WindowSummary.empty(reference)
             summary.add_many(reference, device_ids, values)
-            partial = PartialSummary(feature, start, partition, evidence_ms, summary)
+            partial = PartialSummary(feature, start, partition, evidence_ms, self._bundle, summary)
             yield WindowedValue((feature, partial), Timestamp(micros=start * 1000), [GlobalWindow()])
         self._open = {}
+        self._bundle = uuid.uuid4().hex
+
+
+class PartialsToMessagesFn(beam.DoFn):
+    """(feature, PartialSummary) -> an OutgoingMessage of its DriftPartial record, keyed by input partition."""
+
+    def __init__(self, wire_format: str):
+        self._wire_format = wire_format
+
+    def setup(self) -> None:
+        self._encode = AvroEncoder(DRIFT_PARTIAL, self._wire_format)
+
+    def process(self, element: tuple[str, PartialSummary]) -> Iterator[OutgoingMessage]:
+        _, partial = element
+        yield OutgoingMessage(DRIFT_PARTIALS_STREAM, partial.partition.encode(), self._encode(partial.to_record()),
+                              partial.window_start, None)
+
+
+class PartialsFromRecordsFn(beam.DoFn):
+    """KafkaRecords of DriftPartial -> (feature, PartialSummary) at the window start; undecodable ones are counted.
+
+    The partials topic is written by this job's own processes only, so a
+    record that does not decode is a bug or a stranger on an internal topic:
+    it is dropped and counted, not dead-lettered.
+    """
+
+    def __init__(self, wire_format: str):
+        self._wire_format = wire_format
+        self._undecodable = beam.metrics.Metrics.counter("drift", "undecodable_partials")
+
+    def setup(self) -> None:
+        self._decode = AvroDecoder(DRIFT_PARTIAL, self._wire_format)
+
+    def process(self, record: KafkaRecord) -> Iterator[TimestampedValue]:
+        try:
+            partial = PartialSummary.from_record(self._decode(record.value))
+        except SerdeError:
+            self._undecodable.inc()
+            return
+        yield TimestampedValue((partial.feature, partial), Timestamp(micros=partial.window_start * 1000))

@@ -28,6 +28,10 @@ class BrokerUnavailable(RuntimeError):
     """No Kafka broker answered at the configured bootstrap servers."""
 
 
+class UnknownPartitions(ValueError):
+    """A partition was asked for that the topic does not have."""
+
+
 class KafkaSecurityError(ValueError):
     """Security settings that cannot work; the message names the setting, never a secret."""
 
@@ -250,3 +254,15 @@ def resolve_partitions(
         return descriptors
     finally:
         consumer.close()
+
+
+def select_partitions(partitions: list[PartitionDescriptor], wanted: Optional[str]) -> list[PartitionDescriptor]:
+    """The partitions named in `wanted` ("0,2"), or all of them when it is empty; an unknown one is an error."""
+    if not wanted:
+        return partitions
+    numbers = {int(n) for n in wanted.split(",") if n.strip()}
+    unknown = numbers - {p.partition for p in partitions}
+    if unknown:
+        raise UnknownPartitions(f"--input_partitions {wanted}: the input topic has no partition "
+                                f"{', '.join(map(str, sorted(unknown)))} (it has {len(partitions)})")
+    return [p for p in partitions if p.partition in numbers]
