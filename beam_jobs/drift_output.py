@@ -16,7 +16,8 @@ import apache_beam as beam
 from beam_jobs.options import SensorScoringOptions
 from models.artifact import load_artifact
 from models.drift_reference import DriftReference, load_reference
-from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, ComputeDrift
+from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, CloseDriftWindows, ComputeDrift, DriftPartials
+from transforms.drift_partials import DRIFT_PARTIALS_STREAM, PartialsToMessagesFn
 from transforms.drift_stats import DriftThresholds
 from transforms.kafka_client import KafkaConfig
 from transforms.kafka_sink import WriteToKafka
@@ -35,17 +36,39 @@ def drift_reference(opts: SensorScoringOptions) -> DriftReference | None:
     return reference
 
 
+def _drift_options(opts: SensorScoringOptions) -> dict:
+    return dict(window_s=opts.drift_window_s, retrain_after_windows=opts.retrain_after_windows,
+                thresholds=DriftThresholds(psi=opts.drift_psi_threshold, ks_pvalue=opts.drift_ks_pvalue),
+                wire_format=opts.wire_format, live=not opts.bounded)
+
+
+def drift_closer(opts: SensorScoringOptions, reference: DriftReference) -> CloseDriftWindows:
+    """Closes drift windows as the options say: on evidence while streaming, by Beam windows when bounded."""
+    return CloseDriftWindows(reference, **_drift_options(opts))
+
+
+def drift_topics(opts: SensorScoringOptions) -> dict[str, str]:
+    return {DRIFT_STREAM: opts.drift_topic, RETRAIN_STREAM: opts.retrain_topic}
+
+
 def write_drift(decoded: beam.PCollection, messages: beam.PCollection, opts: SensorScoringOptions,
                 config: KafkaConfig) -> None:
-    """Adds the drift branch: decoded events and scoring messages in, drift and retrain topics out."""
+    """Adds the drift branch: decoded events and scoring messages in, drift and retrain topics out.
+
+    With --drift_partials_topic (a scoring process of --local_processes) the
+    branch writes its partial summaries there instead, for the drift merger.
+    """
     reference = drift_reference(opts)
     if reference is None:
         return
-    branches = (decoded, messages) | "Drift" >> ComputeDrift(
-        reference, window_s=opts.drift_window_s, retrain_after_windows=opts.retrain_after_windows,
-        thresholds=DriftThresholds(psi=opts.drift_psi_threshold, ks_pvalue=opts.drift_ks_pvalue),
-        wire_format=opts.wire_format, live=not opts.bounded,
-    )
-    topics = {DRIFT_STREAM: opts.drift_topic, RETRAIN_STREAM: opts.retrain_topic}
+    if opts.drift_partials_topic:
+        branches = (decoded, messages) | "DriftPartials" >> DriftPartials(
+            reference, window_s=opts.drift_window_s, wire_format=opts.wire_format)
+        for name, partials in zip(("Readings", "Scores"), branches):
+            _ = (partials
+                 | f"{name}PartialMessages" >> beam.ParDo(PartialsToMessagesFn(opts.wire_format))
+                 | f"Write{name}Partials" >> WriteToKafka(config, {DRIFT_PARTIALS_STREAM: opts.drift_partials_topic}))
+        return
+    branches = (decoded, messages) | "Drift" >> ComputeDrift(reference, **_drift_options(opts))
     for name, branch in zip(("Readings", "Scores"), branches):
-        _ = branch | f"Write{name}Drift" >> WriteToKafka(config, topics)
+        _ = branch | f"Write{name}Drift" >> WriteToKafka(config, drift_topics(opts))

@@ -98,6 +98,17 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         help="or when its KS p-value, at the effective sample size, is below this (default 1e-6)")),
     ("Drift", "--retrain_after_windows", dict(
         type=int, default=3, help="consecutive drifting windows of one feature that emit a retrain trigger (default 3)")),
+    ("Local processes", "--local_processes", dict(
+        type=int, default=1,
+        help="run the job as this many scoring processes on this machine, the input partitions split between "
+             "them, plus one drift merger process (beam_jobs/local_processes.py): Beam's in-process runner uses "
+             "one core per job. Process i serves --metrics_port + i. Use the machine's core count; on Flink leave "
+             "it at 1 and set --parallelism (default 1)")),
+    ("Local processes", "--drift_partials_topic", dict(
+        default=None,
+        help="internal topic where the scoring processes of --local_processes write their drift partial "
+             "summaries for the merger (default: DRIFT_TOPIC-partials; a job given it writes partials there "
+             "instead of drift records)")),
     ("Monitoring", "--metrics_port", dict(
         type=int, default=0, help="serve the live figures as Prometheus text on this port, /metrics (default 0: off)")),
     ("Monitoring", "--status_interval_s", dict(

@@ -17,13 +17,16 @@ bounded and without Kafka, into Avro files in --output_dir:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
+from typing import Callable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_jobs.drift_output import write_drift
+from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
 from beam_jobs.recordings import RecordingError
@@ -170,18 +173,40 @@ def _drain_on_signals() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+def run_local_processes(argv: list[str]) -> int:
+    """--local_processes N: checks as a single job would, then runs the processes (beam_jobs/local_processes.py)."""
+    opts = PipelineOptions(argv).view_as(SensorScoringOptions)
+    return LocalProcesses(argv, opts, prepare(opts)).run()
+
+
+def _local_processes_wanted(argv: list[str]) -> bool:
+    opts = PipelineOptions(argv).view_as(SensorScoringOptions)
+    return opts.local_processes > 1 and not (opts.input_files or opts.output_dir)
+
+
+def _configure_logging() -> None:
+    label = os.environ.get(PROCESS_LABEL_ENV)
+    where = f" [{label}]" if label else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s{where} %(name)s: %(message)s",
+                        force=True)
     for noisy in ("kafka", "apache_beam"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None, entry: Callable[[list[str]], object] = run, doc: str = __doc__,
+         prog: str = "python -m beam_jobs.sensor_scoring") -> None:
+    """The command line of the job (and of beam_jobs.drift_merge, with its `entry`): logging, signals, exit codes."""
+    _configure_logging()
     if argv is None:
         argv = sys.argv[1:]
     if "--help" in argv or "-h" in argv:
-        help_parser("python -m beam_jobs.sensor_scoring", __doc__).print_help()
+        help_parser(prog, doc).print_help()
         return
-    _drain_on_signals()
     try:
-        run(argv)
+        if entry is run and _local_processes_wanted(argv):
+            sys.exit(run_local_processes(argv))
+        _drain_on_signals()
+        entry(argv)
     except (BrokerUnavailable, ModelArtifactError, RolloutError, RecordingError, KafkaSecurityError,
             PseudonymizeKeyMissing, UnknownPartitions) as e:
         _LOG.error("%s", e)

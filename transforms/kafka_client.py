@@ -16,6 +16,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
 
 _LOG = logging.getLogger(__name__)
 
@@ -223,6 +224,16 @@ def read_topic(config: KafkaConfig, topic: str) -> Iterator[ConsumerRecord]:
         while any(consumer.position(tp) < ends[tp] for tp in parts):
             for records in consumer.poll(timeout_ms=500, max_records=20000).values():
                 yield from records
+    finally:
+        consumer.close()
+
+
+def commit_end_offsets(config: KafkaConfig, topic: str, group_id: str) -> None:
+    """Commits `topic`'s current end offsets for `group_id`: a reader from committed offsets starts at this moment."""
+    consumer = make_consumer(config, group_id=group_id)
+    try:
+        ends = end_offsets(consumer, partitions_of(consumer, topic))
+        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in ends.items()})
     finally:
         consumer.close()
 

@@ -1,0 +1,156 @@
+"""``--local_processes N``: the job as N scoring processes on disjoint input partitions, plus a drift merger.
+
+Why: Beam's in-process runner fuses the whole job into one stage and runs
+it on one thread, and its multi-worker mode sends every element and state
+access over gRPC to one worker (docs/performance.md), so one job uses one
+core. Scoring is keyed by device and a device's events are on one input
+partition (producers key by device), so the partitions can be split between
+processes as a consumer group with manual assignment would split them: each
+process is the ordinary job with ``--input_partitions``, keeps the state of
+its own devices only, writes its scores and commits its own partitions'
+offsets. Nothing about a score changes.
+
+Drift statistics are fleet-wide, so the scoring processes write their
+partial summaries to ``--drift_partials_topic`` (default
+``DRIFT_TOPIC-partials``) and one more process, ``beam_jobs.drift_merge``,
+closes the windows: the drift and retrain topics get what a single process
+writes. Streaming, the merger runs alongside; ``--bounded``, it runs once
+the scoring processes have finished.
+
+Supervision: process i logs with the label ``scoring-i`` and serves
+``--metrics_port + i``. SIGINT/SIGTERM is passed on to the scoring
+processes, which drain; the merger is stopped after them. If any process
+fails, the others are stopped and the launcher exits with its exit code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Optional
+
+from beam_jobs.drift_merge import merge_group
+from beam_jobs.drift_output import drift_reference
+from beam_jobs.options import SensorScoringOptions, kafka_config
+from transforms.kafka_client import PartitionDescriptor, commit_end_offsets, ensure_topics
+
+_LOG = logging.getLogger("local_processes")
+PROCESS_LABEL_ENV = "SENSOR_SCORING_PROCESS"
+_POLL_S = 0.2
+
+
+def split_partitions(partitions: list[PartitionDescriptor], processes: int) -> list[list[PartitionDescriptor]]:
+    """Round-robin: process i reads partitions i, i + n, ...; never more processes than partitions."""
+    n = max(1, min(processes, len(partitions)))
+    return [partitions[i::n] for i in range(n)]
+
+
+class LocalProcesses:
+    """Starts, watches and stops the processes of one ``--local_processes`` job."""
+
+    def __init__(self, argv: list[str], opts: SensorScoringOptions, partitions: list[PartitionDescriptor]):
+        self._argv = list(argv)
+        self._opts = opts
+        self._groups = split_partitions(partitions, opts.local_processes)
+        self._scoring: list[subprocess.Popen] = []
+        self._merger: Optional[subprocess.Popen] = None
+        self._stopping = False
+
+    def run(self) -> int:
+        """Runs the job to its end (bounded) or until a signal; returns the exit code."""
+        partials_topic = self._prepare_partials_topic()
+        signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGTERM, self._on_signal)
+        for i, group in enumerate(self._groups):
+            self._scoring.append(self._start_scoring(i, group, partials_topic))
+        if partials_topic and not self._opts.bounded:
+            self._merger = self._start_merger(partials_topic)
+        code = self._wait_for_scoring()
+        if code == 0 and partials_topic and self._opts.bounded:
+            self._merger = self._start_merger(partials_topic)
+        return self._finish_merger(code)
+
+    def _prepare_partials_topic(self) -> Optional[str]:
+        """The partials topic, created, with the merger's start set to its end; None when there is no drift."""
+        if drift_reference(self._opts) is None:
+            return None
+        topic = self._opts.drift_partials_topic or f"{self._opts.drift_topic}-partials"
+        config = kafka_config(self._opts)
+        ensure_topics(config, [topic], partitions=self._opts.topic_partitions, timeout_s=self._opts.startup_timeout_s)
+        commit_end_offsets(config, topic, merge_group(self._opts))
+        return topic
+
+    def _start_scoring(self, i: int, group: list[PartitionDescriptor],
+                       partials_topic: Optional[str]) -> subprocess.Popen:
+        numbers = ",".join(str(p.partition) for p in group)
+        port = self._opts.metrics_port + i if self._opts.metrics_port else 0
+        extra = ["--local_processes", "1", "--input_partitions", numbers, "--metrics_port", str(port)]
+        if partials_topic:
+            extra += ["--drift_partials_topic", partials_topic]
+        child = self._spawn("beam_jobs.sensor_scoring", extra, f"scoring-{i}")
+        _LOG.info("scoring-%d (pid %d): partitions %s of %s%s", i, child.pid, numbers, self._opts.input_topic,
+                  f", /metrics on port {port}" if port else "")
+        return child
+
+    def _start_merger(self, partials_topic: str) -> subprocess.Popen:
+        extra = ["--local_processes", "1", "--metrics_port", "0", "--drift_partials_topic", partials_topic]
+        child = self._spawn("beam_jobs.drift_merge", extra, "drift-merge")
+        _LOG.info("drift-merge (pid %d): %s -> %s", child.pid, partials_topic, self._opts.drift_topic)
+        return child
+
+    def _spawn(self, module: str, extra: list[str], label: str) -> subprocess.Popen:
+        # Own session: a Ctrl-C in the terminal reaches the launcher only, which passes it on in order.
+        return subprocess.Popen([sys.executable, "-m", module, *self._argv, *extra],
+                                env={**os.environ, PROCESS_LABEL_ENV: label}, start_new_session=True)
+
+    def _on_signal(self, signum, frame) -> None:
+        first = not self._stopping
+        self._stopping = True
+        running = [child for child in self._scoring if child.poll() is None]
+        if not running and self._merger is not None:
+            running = [self._merger]  # a bounded job's merger: the scoring processes are done
+        _LOG.info("%s: passing it on to %d process(es)%s", signal.Signals(signum).name, len(running),
+                  "" if first else " (again: they stop at once)")
+        for child in running:
+            child.send_signal(signum)
+
+    def _wait_for_scoring(self) -> int:
+        """Waits for every scoring process; the first failure stops the others and is the result."""
+        while True:
+            codes = [child.poll() for child in self._scoring]
+            failed = next((c for c in codes if c), None)
+            if failed is not None:
+                _LOG.error("a scoring process exited with %d: stopping the others", failed)
+                self._stop(self._scoring)
+                return failed
+            if all(c == 0 for c in codes):
+                return 0
+            time.sleep(_POLL_S)
+
+    def _finish_merger(self, code: int) -> int:
+        if self._merger is None:
+            return code
+        if not self._opts.bounded:
+            self._stop([self._merger])  # the scoring processes have written their last partials
+        merged = self._merger.wait()
+        if merged:
+            _LOG.error("the drift merger exited with %d", merged)
+        return code or merged
+
+    @staticmethod
+    def _stop(children: list[subprocess.Popen], grace_s: float = 60.0) -> None:
+        """SIGTERM (a drain), then SIGKILL for what is still running after `grace_s`."""
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+        deadline = time.monotonic() + grace_s
+        for child in children:
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
