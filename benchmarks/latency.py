@@ -20,7 +20,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -50,7 +49,8 @@ class ScoreWatcher:
     """Follows the score topic from its current end; records when each event_id's score became readable."""
 
     def __init__(self, config: KafkaConfig):
-        self._consumer = make_consumer(config)
+        # Fetches held no longer than 10 ms: the embedded broker holds an empty fetch its whole max wait.
+        self._consumer = make_consumer(config, fetch_max_wait_ms=10)
         parts = partitions_of(self._consumer, SCORES)
         self._consumer.assign(parts)
         self._consumer.seek_to_end(*parts)
@@ -95,27 +95,42 @@ def feed(config: KafkaConfig, rate: float, seconds: float, devices: int) -> dict
 
 
 def wait_until_scoring(config: KafkaConfig, watcher: ScoreWatcher, timeout_s: float = 120.0) -> None:
-    """Sends warm-up events until one is scored, so job start-up is not measured."""
+    """Sends warm-up events to every input partition until each is scored, so job start-up is not measured.
+
+    Every partition: with --local_processes each process reads some of them
+    and starts on its own.
+    """
     producer = make_producer(config)
     encode = AvroEncoder(EVENT)
+    partitions = sorted(producer.partitions_for(INPUT))
     warm = LineSimulator(SimulatorConfig(devices=1, seed=99, start_ms=int(time.time() * 1000))).events()
+    waiting = set(partitions)
+    sent: dict[int, set[str]] = {p: set() for p in partitions}
     deadline = time.time() + timeout_s
-    while not watcher.seen_at:
+    while waiting:
         if time.time() > deadline:
-            raise SystemExit("the job scored nothing within the start-up timeout")
-        event, _ = next(warm)
-        producer.send(INPUT, key=b"warm-up", value=encode(event), timestamp_ms=event["event_time"])
+            raise SystemExit(f"the job scored nothing from partitions {sorted(waiting)} within the start-up timeout")
+        for partition in waiting:
+            event, _ = next(warm)
+            event = {**event, "device_id": f"warm-up-{partition}", "event_id": f"{event['event_id']}-p{partition}"}
+            producer.send(INPUT, key=event["device_id"].encode(), value=encode(event), partition=partition,
+                          timestamp_ms=event["event_time"])
+            sent[partition].add(event["event_id"])
         producer.flush()
         time.sleep(1.0)
+        waiting = {p for p in waiting if not sent[p] & watcher.seen_at.keys()}
     producer.close()
 
 
 def measure(args: argparse.Namespace) -> dict:
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+    log = ROOT / "out" / "benchmarks" / "latency-job.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with EmbeddedBroker() as broker:
         config = KafkaConfig(broker.bootstrap_servers)
         ensure_topics(config, [INPUT, SCORES, "latency-dead", "latency-drift", "latency-retrain"], partitions=4)
         watcher = ScoreWatcher(config)
-        job = start_job(broker.bootstrap_servers, args.job_args, Path(tmp) / "job.log")
+        print(f"job log: {log}", flush=True)
+        job = start_job(broker.bootstrap_servers, args.job_args, log)
         try:
             wait_until_scoring(config, watcher)
             print(f"job is scoring; feeding {args.rate:g} events/s for {args.seconds:g} s", flush=True)
@@ -140,7 +155,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2000.0, help="events per second written (default 2000)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to feed (default 30)")
     parser.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
-    parser.add_argument("--job_args", default="", help="extra job flags, e.g. '--state_ttl_s 60'")
+    parser.add_argument("--job_args", default="--direct_num_workers 1 --local_processes 2",
+                        help="extra job flags (default: two processes on this 2-core machine, each on the "
+                             "in-process runner; docs/performance.md)")
     return parser.parse_args(argv)
 
 

@@ -6,6 +6,13 @@ records or ``max_seconds_per_call`` seconds and then checkpoints with
 ``defer_remainder``, so a runner such as Flink can snapshot between calls.
 Consumers use manual assignment only, as Beam's KafkaIO does.
 
+``fetch_max_wait_ms`` (50, kafka-python's default is 500) bounds how long a
+fetch that finds nothing new is held by the broker. Kafka answers a held
+fetch as soon as data arrives, but the embedded Tansu broker holds it the
+whole time: with 500 ms a record written just after a fetch waited up to
+0.5 s before the job saw it (measured: 116 ms median at 500, 19 ms at 100,
+4 ms at 10). 50 ms costs at most 20 empty fetches a second per partition.
+
 ``max_records_per_call`` also bounds what is in flight: the in-process runner
 hands a downstream stage everything read since its last bundle, and offsets
 are committed only when the sink's bundle ends. With 5000 a 30,000-event
@@ -107,12 +114,14 @@ class _ReadPartitionFn(beam.DoFn):
         max_seconds_per_call: float = 1.0,
         poll_timeout_ms: int = 200,
         idle_resume_s: float = 0.2,
+        fetch_max_wait_ms: int = 50,
     ):
         self._config = config
         self._max_records = max_records_per_call
         self._max_seconds = max_seconds_per_call
         self._poll_timeout_ms = poll_timeout_ms
         self._idle_resume_s = idle_resume_s
+        self._fetch_max_wait_ms = fetch_max_wait_ms
         self._records_read = beam.metrics.Metrics.counter(_METRICS, "records_read")
         self._idle_polls = beam.metrics.Metrics.counter(_METRICS, "idle_polls")
 
@@ -127,7 +136,8 @@ class _ReadPartitionFn(beam.DoFn):
     def _consumer_at(self, tp: TopicPartition, offset: int) -> KafkaConsumer:
         consumer = self._consumers.get(tp)
         if consumer is None:
-            consumer = make_consumer(self._config, max_partition_fetch_bytes=4 * 1024 * 1024)
+            consumer = make_consumer(self._config, max_partition_fetch_bytes=4 * 1024 * 1024,
+                                     fetch_max_wait_ms=self._fetch_max_wait_ms)
             consumer.assign([tp])
             self._consumers[tp] = consumer
         if consumer.position(tp) != offset:
