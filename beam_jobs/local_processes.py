@@ -43,6 +43,17 @@ PROCESS_LABEL_ENV = "SENSOR_SCORING_PROCESS"
 _POLL_S = 0.2
 
 
+class LocalProcessesError(ValueError):
+    """--local_processes asked for where it cannot work."""
+
+
+def check_runner(runner: Optional[str]) -> None:
+    """Only the DirectRunner: on Flink each process would submit a whole job; Flink's --parallelism splits there."""
+    if runner and runner.split(".")[-1] not in ("DirectRunner", "direct", "FnApiRunner"):
+        raise LocalProcessesError(f"--local_processes is for the DirectRunner, not {runner}: "
+                                  "leave it at 1 and set --parallelism")
+
+
 def split_partitions(partitions: list[PartitionDescriptor], processes: int) -> list[list[PartitionDescriptor]]:
     """Round-robin: process i reads partitions i, i + n, ...; never more processes than partitions."""
     n = max(1, min(processes, len(partitions)))

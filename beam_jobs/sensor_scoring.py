@@ -26,7 +26,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_jobs.drift_output import write_drift
-from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses
+from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
 from beam_jobs.recordings import RecordingError
@@ -180,8 +180,12 @@ def run_local_processes(argv: list[str]) -> int:
 
 
 def _local_processes_wanted(argv: list[str]) -> bool:
-    opts = PipelineOptions(argv).view_as(SensorScoringOptions)
-    return opts.local_processes > 1 and not (opts.input_files or opts.output_dir)
+    options = PipelineOptions(argv)
+    opts = options.view_as(SensorScoringOptions)
+    if opts.local_processes <= 1 or opts.input_files or opts.output_dir:
+        return False
+    check_runner(options.view_as(StandardOptions).runner)
+    return True
 
 
 def _configure_logging() -> None:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None, entry: Callable[[list[str]], object] = r
         _drain_on_signals()
         entry(argv)
     except (BrokerUnavailable, ModelArtifactError, RolloutError, RecordingError, KafkaSecurityError,
-            PseudonymizeKeyMissing, UnknownPartitions) as e:
+            PseudonymizeKeyMissing, UnknownPartitions, LocalProcessesError) as e:
         _LOG.error("%s", e)
         sys.exit(2)
     except KeyboardInterrupt:
