@@ -20,11 +20,14 @@ the scoring processes have finished.
 Supervision: process i logs with the label ``scoring-i`` and serves
 ``--metrics_port + i``. SIGINT/SIGTERM is passed on to the scoring
 processes, which drain; the merger is stopped after them. If any process
-fails, the others are stopped and the launcher exits with its exit code.
+fails, the others are stopped and the launcher exits with its exit code. If
+the launcher itself is killed (SIGKILL), every child gets SIGTERM (Linux's
+parent-death signal) and drains, rather than running on unsupervised.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -41,6 +44,13 @@ from transforms.kafka_client import PartitionDescriptor, commit_end_offsets, ens
 _LOG = logging.getLogger("local_processes")
 PROCESS_LABEL_ENV = "SENSOR_SCORING_PROCESS"
 _POLL_S = 0.2
+_PR_SET_PDEATHSIG = 1
+
+
+def _drain_when_parent_dies() -> None:
+    """Linux: a child gets SIGTERM (and drains) if the launcher is killed, instead of running on unsupervised."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class LocalProcessesError(ValueError):
@@ -116,7 +126,8 @@ class LocalProcesses:
     def _spawn(self, module: str, extra: list[str], label: str) -> subprocess.Popen:
         # Own session: a Ctrl-C in the terminal reaches the launcher only, which passes it on in order.
         return subprocess.Popen([sys.executable, "-m", module, *self._argv, *extra],
-                                env={**os.environ, PROCESS_LABEL_ENV: label}, start_new_session=True)
+                                env={**os.environ, PROCESS_LABEL_ENV: label}, start_new_session=True,
+                                preexec_fn=_drain_when_parent_dies)
 
     def _on_signal(self, signum, frame) -> None:
         first = not self._stopping
