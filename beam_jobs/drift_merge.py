@@ -37,6 +37,7 @@ from transforms.kafka_source import ReadFromKafkaPartitions
 from transforms.state_cache import no_state_cache_in_process
 
 _LOG = logging.getLogger("drift_merge")
+PROG = "python -m beam_jobs.drift_merge"
 
 
 def merge_group(opts: SensorScoringOptions) -> str:
@@ -78,4 +79,4 @@ def run(argv: list[str]) -> None:
 if __name__ == "__main__":
     from beam_jobs.sensor_scoring import main
 
-    main(entry=run, doc=__doc__, prog="python -m beam_jobs.drift_merge")
+    main(entry=run, doc=__doc__, prog=PROG)

@@ -16,6 +16,7 @@ bounded and without Kafka, into Avro files in --output_dir:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ from typing import Callable
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs import drift_merge
 from beam_jobs.drift_output import write_drift
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
@@ -118,6 +120,11 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
 def prepare(opts: SensorScoringOptions):
     """Checks the models and the broker before anything runs; returns the partitions to read."""
     rollout_config(opts).check()
+    return prepare_topics(opts)
+
+
+def prepare_topics(opts: SensorScoringOptions):
+    """The broker part of `prepare`: the topics, created if missing, and the input partitions to read."""
     pseudonymizer_from_env(opts.pseudonymize_key_env)  # a missing key stops the launch, not the workers
     config = kafka_config(opts)
     topics = [opts.input_topic, opts.score_topic, opts.drift_topic, opts.retrain_topic, opts.dead_letter_topic]
@@ -174,9 +181,14 @@ def _drain_on_signals() -> None:
 
 
 def run_local_processes(argv: list[str]) -> int:
-    """--local_processes N: checks as a single job would, then runs the processes (beam_jobs/local_processes.py)."""
+    """--local_processes N: the topics and partitions, then the processes (beam_jobs/local_processes.py).
+
+    No torch work happens here before the scoring processes are forked (each
+    checks its models itself): see LocalProcesses on why.
+    """
     opts = PipelineOptions(argv).view_as(SensorScoringOptions)
-    return LocalProcesses(argv, opts, prepare(opts)).run()
+    merge = functools.partial(main, entry=drift_merge.run, doc=drift_merge.__doc__, prog=drift_merge.PROG)
+    return LocalProcesses(argv, opts, prepare_topics(opts), scoring_main=main, merge_main=merge).run()
 
 
 def _local_processes_wanted(argv: list[str]) -> bool:
