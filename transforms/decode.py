@@ -25,13 +25,14 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
-from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.serde import EVENT, AvroDecoder, SerdeError
 from transforms.dead_letters import Rejected, dead_letter
 from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import SourcePosition
 from transforms.pseudonymize import pseudonymizer_from_env
+from transforms.windowing import stamped
 
 _METRICS = "decode"
 STAGE_DECODE = "decode"
@@ -108,7 +109,7 @@ class _DecodeFn(beam.DoFn):
         self._decode = AvroDecoder(EVENT, self._wire_format)
         self._pseudonymize = pseudonymizer_from_env(self._pseudonymize_key_env)
 
-    def process(self, record: KafkaRecord) -> Iterator[Union[beam.window.TimestampedValue, tuple[str, Rejected]]]:
+    def process(self, record: KafkaRecord) -> Iterator[Union[WindowedValue, tuple[str, Rejected]]]:
         source = SourcePosition(record.topic, record.partition, record.offset, record.span_start)
         try:
             event = self._decode(record.value)
@@ -125,7 +126,7 @@ class _DecodeFn(beam.DoFn):
             event_id, device_id = self._pseudonymize(event_id), self._pseudonymize(device_id)
         valid = ValidEvent(event_id, device_id, event["event_time"], event["readings"],
                            source, record.watermark_ms, record.key, record.value)
-        yield beam.window.TimestampedValue((valid.device_id, valid), Timestamp.of(valid.event_time / 1000))
+        yield stamped((valid.device_id, valid), valid.event_time)
 
     def _reject(self, record: KafkaRecord, source: SourcePosition, error: str, stage: str) -> tuple[str, Rejected]:
         self._dead.inc()

@@ -30,8 +30,6 @@ from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
-from apache_beam.transforms.window import GlobalWindow, TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 
 from models.drift_reference import DriftReference
@@ -39,6 +37,7 @@ from schemas.serde import DRIFT_PARTIAL, AvroDecoder, AvroEncoder, SerdeError
 from transforms.drift_stats import WindowSummary
 from transforms.kafka_sink import OutgoingMessage
 from transforms.kafka_source import KafkaRecord
+from transforms.windowing import stamped
 
 DRIFT_PARTIALS_STREAM = "drift_partials"
 
@@ -104,7 +103,7 @@ class PartialSummaries:
             summary = WindowSummary.empty(reference)
             summary.add_many(reference, device_ids, values)
             partial = PartialSummary(feature, start, partition, evidence_ms, self._bundle, summary)
-            yield WindowedValue((feature, partial), Timestamp(micros=start * 1000), [GlobalWindow()])
+            yield stamped((feature, partial), start)
         self._open = {}
         self._bundle = uuid.uuid4().hex
 
@@ -139,10 +138,10 @@ class PartialsFromRecordsFn(beam.DoFn):
     def setup(self) -> None:
         self._decode = AvroDecoder(DRIFT_PARTIAL, self._wire_format)
 
-    def process(self, record: KafkaRecord) -> Iterator[TimestampedValue]:
+    def process(self, record: KafkaRecord) -> Iterator[WindowedValue]:
         try:
             partial = PartialSummary.from_record(self._decode(record.value))
         except SerdeError:
             self._undecodable.inc()
             return
-        yield TimestampedValue((partial.feature, partial), Timestamp(micros=partial.window_start * 1000))
+        yield stamped((partial.feature, partial), partial.window_start)

@@ -36,11 +36,13 @@ from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTr
 from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.windowed_value import WindowedValue
 from kafka import KafkaConsumer, TopicPartition
 
 from transforms.kafka_client import KafkaConfig, PartitionDescriptor, make_consumer
 from transforms.live_stats import LIVE
 from transforms.offset_commits import partition_key
+from transforms.windowing import stamped
 
 _LOG = logging.getLogger(__name__)
 _UNBOUNDED_STOP = 2**63 - 1
@@ -149,7 +151,7 @@ class _ReadPartitionFn(beam.DoFn):
         element: PartitionDescriptor,
         tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_OffsetRangeProvider()),
         watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(_ManualWatermarkProvider()),
-    ) -> Iterator[beam.window.TimestampedValue]:
+    ) -> Iterator[WindowedValue]:
         tp = TopicPartition(element.topic, element.partition)
         restriction = tracker.current_restriction()
         if _DRAINING.is_set():
@@ -179,13 +181,8 @@ class _ReadPartitionFn(beam.DoFn):
                 if not tracker.try_claim(record.offset):
                     return
                 wm_ms = record.timestamp if wm_ms is None else max(wm_ms, record.timestamp)
-                yield beam.window.TimestampedValue(
-                    KafkaRecord(
-                        record.topic, record.partition, record.offset, next_span,
-                        record.key, record.value, record.timestamp, wm_ms,
-                    ),
-                    Timestamp.of(record.timestamp / 1000),
-                )
+                yield stamped(KafkaRecord(record.topic, record.partition, record.offset, next_span,
+                                          record.key, record.value, record.timestamp, wm_ms), record.timestamp)
                 next_span = record.offset + 1
             emitted += len(batch)
             LIVE.batch_read(partition_key(tp.topic, tp.partition), batch[0].offset, len(batch), consumer.highwater(tp))
