@@ -10,8 +10,9 @@ D devices, keyed by device), then measures, each in its own Python process:
     (imputation, calibration, LSTM step, evidence: the job's DeviceLogic),
     the scoring head over each poll's events, Avro encode, produce, flush.
 
-It prints events/s of both, their ratio, peak RSS of each process tree, and
-how long events waited from being written to the topic until their score was
+It prints events/s of both, their ratio, CPU time per 1,000 events and peak
+RSS of each process tree, and how long events waited from being written to
+the topic until their score was
 (preloaded: a backlog, so this is queueing, not the streaming latency; see
 benchmarks/latency.py for that).
 """
@@ -104,19 +105,25 @@ def preload(config: KafkaConfig, events: int, devices: int) -> None:
     print(f"preloaded {events} events for {devices} devices in {time.monotonic() - started:.1f} s", flush=True)
 
 
-def timed_process(command: list[str], log: Path) -> tuple[float, float, int]:
-    """(wall start, wall end, peak tree RSS) of a child process; fails loudly if it fails."""
+def timed_process(command: list[str], log: Path) -> tuple[float, float, int, float]:
+    """(wall start, wall end, peak tree RSS, CPU seconds of the tree) of a child process; fails loudly if it fails.
+
+    CPU seconds (user + system of the process and the children it waited for)
+    move less than wall time on a shared machine: time the machine gives to
+    others is not counted.
+    """
     with open(log, "w") as out:
         started = time.time()
         child = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
         rss = TreeRss(child.pid)
-        code = child.wait()
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
         ended = time.time()
     peak = rss.stop()
-    if code:
-        raise SystemExit(f"{command[2]} exited with {code}; see {log}")
-    return started, ended, peak
+    if child.returncode:
+        raise SystemExit(f"{command[2]} exited with {child.returncode}; see {log}")
+    return started, ended, peak, usage.ru_utime + usage.ru_stime
 
 
 def read_processed_at(config: KafkaConfig, topic: str) -> list[tuple[str, int]]:
@@ -189,12 +196,12 @@ def measure(args: argparse.Namespace) -> dict:
                "bench-retrain", "--consumer_group", "bench", "--start_from", "earliest",
                "--calibration_events", str(args.calibration_events), *shlex.split(args.job_args)]
         print(f"job: {' '.join(job[2:])}", flush=True)
-        job_start, job_end, job_rss = timed_process(job, logs / "throughput-job.log")
+        job_start, job_end, job_rss, job_cpu = timed_process(job, logs / "throughput-job.log")
         job_scores = read_processed_at(config, JOB_SCORES)
         loop = [sys.executable, "-m", "benchmarks.throughput", "--_reference_loop", broker.bootstrap_servers,
                 "--calibration_events", str(args.calibration_events)]
         print("reference loop ...", flush=True)
-        loop_start, loop_end, loop_rss = timed_process(loop, logs / "throughput-loop.log")
+        loop_start, loop_end, loop_rss, loop_cpu = timed_process(loop, logs / "throughput-loop.log")
         loop_scores = read_processed_at(config, LOOP_SCORES)
     job_last = max(t for _, t in job_scores) / 1000.0
     figures = {
@@ -205,6 +212,8 @@ def measure(args: argparse.Namespace) -> dict:
         "job_events_per_s": round(args.events / (job_last - job_start)),
         "job_events_per_s_excluding_startup": round(args.events / (job_last - min(t for _, t in job_scores) / 1000)),
         "loop_events_per_s": round(args.events / (loop_end - loop_start)),
+        "job_cpu_ms_per_1000_events": round(job_cpu * 1e6 / args.events),
+        "loop_cpu_ms_per_1000_events": round(loop_cpu * 1e6 / args.events),
         "job_peak_rss_mb": round(job_rss / 2**20),
         "loop_peak_rss_mb": round(loop_rss / 2**20),
         "job_wait_written_to_scored": _percentiles([t - written_at for _, t in job_scores]),
@@ -235,6 +244,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"job:  {figures['job_events_per_s']:>7} events/s  (peak RSS {figures['job_peak_rss_mb']} MB)")
     print(f"loop: {figures['loop_events_per_s']:>7} events/s  (peak RSS {figures['loop_peak_rss_mb']} MB)")
     print(f"ratio job/loop: {figures['ratio_job_to_loop']}")
+    print(f"CPU per 1,000 events: job {figures['job_cpu_ms_per_1000_events']} ms (all its processes, start-up "
+          f"and drift merge included), loop {figures['loop_cpu_ms_per_1000_events']} ms")
     print(json.dumps(figures))
 
 
