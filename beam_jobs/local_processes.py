@@ -36,6 +36,8 @@ import sys
 import time
 from typing import Callable, Optional
 
+import torch
+
 from beam_jobs.drift_merge import merge_group
 from beam_jobs.options import SensorScoringOptions, kafka_config
 from models.drift_reference import load_reference
@@ -135,8 +137,9 @@ class LocalProcesses:
         return child
 
     def _fork(self, entry: Callable[[list[str]], None], extra: list[str], label: str) -> multiprocessing.Process:
+        threads = max(1, (os.cpu_count() or 1) // len(self._groups))
         child = multiprocessing.get_context("fork").Process(
-            target=_child, args=(entry, [*self._argv, *extra], label), name=label)
+            target=_child, args=(entry, [*self._argv, *extra], label, threads), name=label)
         child.start()
         return child
 
@@ -188,10 +191,13 @@ class LocalProcesses:
                 child.join()
 
 
-def _child(entry: Callable[[list[str]], None], argv: list[str], label: str) -> None:
+def _child(entry: Callable[[list[str]], None], argv: list[str], label: str, torch_threads: int) -> None:
     """A forked process: its own session (a terminal's Ctrl-C reaches the launcher only, which passes it on in
-    order), SIGTERM if the launcher dies, its log label, default signal handling until the job sets its own."""
+    order), SIGTERM if the launcher dies, its log label, default signal handling until the job sets its own,
+    and its share of the cores for torch's intra-op threads (N processes each with a pool as large as the
+    machine oversubscribe it)."""
     os.setsid()
+    torch.set_num_threads(torch_threads)
     _drain_when_parent_dies()
     os.environ[PROCESS_LABEL_ENV] = label
     signal.signal(signal.SIGINT, signal.default_int_handler)
