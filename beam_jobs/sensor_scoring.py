@@ -12,6 +12,9 @@ File mode, for regression tests and portability checks, scores recordings
 bounded and without Kafka, into Avro files in --output_dir:
 
     python -m beam_jobs.sensor_scoring --input_files 'DIR/*.avro' --output_dir OUT
+
+On one machine, --local_processes N runs the job as N processes on disjoint
+input partitions plus a drift merger, to use N cores (beam_jobs/local_processes.py).
 """
 
 from __future__ import annotations
@@ -134,7 +137,6 @@ def prepare_topics(opts: SensorScoringOptions):
                   partitions=opts.topic_partitions, timeout_s=opts.startup_timeout_s)
     partitions = resolve_partitions(config, opts.input_topic, opts.start_from, opts.consumer_group, opts.bounded)
     return select_partitions(partitions, opts.input_partitions)
-
 
 
 def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
