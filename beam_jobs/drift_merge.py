@@ -28,6 +28,7 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_jobs.drift_output import drift_closer, drift_reference, drift_topics
+from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.options import SensorScoringOptions, kafka_config
 from models.drift_reference import DriftReference
 from transforms.drift_partials import PartialsFromRecordsFn
@@ -73,7 +74,8 @@ def run(argv: list[str]) -> None:
     no_state_cache_in_process()
     pipeline = beam.Pipeline(options=options)
     build_merge_pipeline(pipeline, opts, partitions, reference)
-    pipeline.run().wait_until_finish()
+    with long_lived_objects_frozen():
+        pipeline.run().wait_until_finish()
 
 
 if __name__ == "__main__":

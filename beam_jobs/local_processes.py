@@ -39,6 +39,7 @@ from typing import Callable, Optional
 import torch
 
 from beam_jobs.drift_merge import merge_group
+from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.options import SensorScoringOptions, kafka_config
 from models.drift_reference import load_reference
 from transforms.kafka_client import PartitionDescriptor, commit_end_offsets, ensure_topics
@@ -97,6 +98,10 @@ class LocalProcesses:
     def run(self) -> int:
         """Runs the job to its end (bounded) or until a signal; returns the exit code."""
         partials_topic = self._prepare_partials_topic()
+        with long_lived_objects_frozen():  # before the forks: the children share these pages
+            return self._run_processes(partials_topic)
+
+    def _run_processes(self, partials_topic: Optional[str]) -> int:
         signal.signal(signal.SIGINT, self._on_signal)
         signal.signal(signal.SIGTERM, self._on_signal)
         for i, group in enumerate(self._groups):

@@ -31,6 +31,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_jobs import drift_merge
 from beam_jobs.drift_output import write_drift
+from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
@@ -115,8 +116,9 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
     pipeline = beam.Pipeline(options=options)
     build_file_pipeline(pipeline, opts)
     _LOG.info("scoring %s into %s", opts.input_files, opts.output_dir)
-    result = pipeline.run()
-    result.wait_until_finish()
+    with long_lived_objects_frozen():
+        result = pipeline.run()
+        result.wait_until_finish()
     return result
 
 
@@ -155,8 +157,9 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     build_pipeline(pipeline, opts, partitions)
     monitor = Monitor(opts.status_interval_s, opts.metrics_port).start()
     try:
-        result = pipeline.run()
-        result.wait_until_finish()
+        with long_lived_objects_frozen():
+            result = pipeline.run()
+            result.wait_until_finish()
     finally:
         monitor.stop()
     return result
