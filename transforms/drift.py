@@ -58,7 +58,7 @@ from models.drift_reference import SCORE_FEATURE, DriftReference
 from schemas.serde import DRIFT, RETRAIN, AvroEncoder, ScoreHeadReader
 from transforms.decode import ValidEvent
 from transforms.drift_partials import PartialSummaries, PartialSummary
-from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics
+from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics, load_scipy_stats
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.offset_commits import partition_key
 from transforms.state_cache import skip_module_globals_scan
@@ -187,9 +187,10 @@ class _DriftRecords:
         self._triggers = counter(_METRICS, "retrain_triggers")
 
     def setup(self) -> None:
-        """Encoders are built on the worker: they are not picklable."""
+        """Encoders are built on the worker (they are not picklable); scipy is loaded before any bundle."""
         self._encode_drift = AvroEncoder(DRIFT, self._wire_format)
         self._encode_retrain = AvroEncoder(RETRAIN, self._wire_format)
+        load_scipy_stats()
 
     def statistics(self, feature: str, start_ms: int, end_ms: int, summary: WindowSummary) -> dict:
         """The DriftStatistics record of one feature's window, counted."""
