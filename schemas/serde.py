@@ -251,5 +251,10 @@ class ScoreHeadReader:
         _, pos = _zigzag_long(payload, pos + length)  # event_time
         return device_id, _DOUBLE.unpack_from(payload, pos)[0]
 
+    def event_id(self, payload: bytes) -> str:
+        """The first field alone (benchmarks following the score topic)."""
+        length, pos = _zigzag_long(payload, self._start)
+        return payload[pos : pos + length].decode("utf-8")
+
     def __reduce__(self):
         return (ScoreHeadReader, (self._wire_format,))
