@@ -83,16 +83,14 @@ class _ReadingValuesFn(beam.DoFn):
         self._window_ms = window_ms
 
     def start_bundle(self) -> None:
-        self._partials = PartialSummaries(self._reference, self._window_ms)
+        self._partials = PartialSummaries(self._reference, self._window_ms, self._features)
 
     def process(self, element: tuple[str, Any]) -> None:
         _, event = element
         if not isinstance(event, ValidEvent):
             return
         partition = partition_key(event.source.topic, event.source.partition)
-        for feature in self._features:
-            self._partials.add(feature, event.event_time, partition, event.watermark_ms, event.device_id,
-                               event.readings.get(feature))
+        self._partials.add(event.event_time, partition, event.watermark_ms, event.device_id, event.readings)
 
     def finish_bundle(self):
         yield from self._partials.emit()
@@ -115,14 +113,14 @@ class _ScoreValueFn(beam.DoFn):
         self._read = ScoreHeadReader(self._wire_format)  # the job's own score bytes: device_id and score only
 
     def start_bundle(self) -> None:
-        self._partials = PartialSummaries(self._reference, self._window_ms)
+        self._partials = PartialSummaries(self._reference, self._window_ms, (SCORE_FEATURE,))
 
     def process(self, message: OutgoingMessage) -> None:
         if message.stream != SCORES:
             return
         device_id, score = self._read(message.value)
         partition = partition_key(message.source.topic, message.source.partition)
-        self._partials.add(SCORE_FEATURE, message.timestamp_ms, partition, message.timestamp_ms, device_id, score)
+        self._partials.add(message.timestamp_ms, partition, message.timestamp_ms, device_id, {SCORE_FEATURE: score})
 
     def finish_bundle(self):
         yield from self._partials.emit()

@@ -26,7 +26,7 @@ partition so one partition's partials stay in order, and
 from __future__ import annotations
 
 import uuid
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, Mapping, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -76,34 +76,42 @@ class PartialSummary(NamedTuple):
 
 
 class PartialSummaries:
-    """Collects a bundle's values; ``emit()`` yields them as (feature, PartialSummary) at the window start."""
+    """Collects a bundle's values; ``emit()`` yields them as (feature, PartialSummary) at the window start.
 
-    def __init__(self, reference: DriftReference, window_ms: int):
+    An event's values are kept as the one mapping it came with and split
+    into features only when the bundle ends, once per (window, partition)
+    group rather than once per event and feature.
+    """
+
+    def __init__(self, reference: DriftReference, window_ms: int, features: tuple[str, ...]):
         self._reference = reference
         self._window_ms = window_ms
-        self._open: dict[tuple[str, int, str], list] = {}
+        self._features = features
+        self._open: dict[tuple[int, str], list] = {}
         self._bundle = uuid.uuid4().hex
 
-    def add(self, feature: str, event_time: int, partition: str, evidence_ms: int, device_id: str,
-            value: Optional[float]) -> None:
+    def add(self, event_time: int, partition: str, evidence_ms: int, device_id: str,
+            values: Mapping[str, Optional[float]]) -> None:
+        """One event's values of the features (a missing one counts as missing)."""
         start = event_time - event_time % self._window_ms
-        key = (feature, start, partition)
+        key = (start, partition)
         entry = self._open.get(key)
         if entry is None:
             entry = self._open[key] = [[], [], evidence_ms]
         elif evidence_ms > entry[2]:
             entry[2] = evidence_ms
         entry[0].append(device_id)
-        entry[1].append(value)
+        entry[1].append(values)
 
     def emit(self) -> Iterator[WindowedValue]:
         """The bundle's partial summaries, in the global window, stamped inside their event-time window."""
-        for (feature, start, partition), (device_ids, values, evidence_ms) in self._open.items():
-            reference = self._reference.features[feature]
-            summary = WindowSummary.empty(reference)
-            summary.add_many(reference, device_ids, values)
-            partial = PartialSummary(feature, start, partition, evidence_ms, self._bundle, summary)
-            yield stamped((feature, partial), start)
+        for (start, partition), (device_ids, rows, evidence_ms) in self._open.items():
+            for feature in self._features:
+                reference = self._reference.features[feature]
+                summary = WindowSummary.empty(reference)
+                summary.add_many(reference, device_ids, [row.get(feature) for row in rows])
+                partial = PartialSummary(feature, start, partition, evidence_ms, self._bundle, summary)
+                yield stamped((feature, partial), start)
         self._open = {}
         self._bundle = uuid.uuid4().hex
 
