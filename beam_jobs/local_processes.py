@@ -77,9 +77,9 @@ class LocalProcesses:
     """Starts, watches and stops the processes of one ``--local_processes`` job.
 
     The children are forked from the launcher, which has imported the job
-    already, so each starts without importing torch, Beam and scipy again
-    (3.5 s on the development machine; the job's start-up counts in the
-    throughput benchmark). Fork is safe here because the launcher has run no
+    already, so each starts without importing torch and Beam again (2.3 s on
+    the development machine, 3.3-5.4 s for two processes importing at once;
+    the job's start-up counts in the throughput benchmark). Fork is safe here because the launcher has run no
     torch operation (whose OpenMP thread pool does not survive a fork) and
     holds no open Kafka client or other thread when it forks.
     """

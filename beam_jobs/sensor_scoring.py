@@ -185,24 +185,18 @@ def _drain_on_signals() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run_local_processes(argv: list[str]) -> int:
-    """--local_processes N: the topics and partitions, then the processes (beam_jobs/local_processes.py).
-
-    No torch work happens here before the scoring processes are forked (each
-    checks its models itself): see LocalProcesses on why.
-    """
-    opts = PipelineOptions(argv).view_as(SensorScoringOptions)
-    merge = functools.partial(main, entry=drift_merge.run, doc=drift_merge.__doc__, prog=drift_merge.PROG)
-    return LocalProcesses(argv, opts, prepare_topics(opts), scoring_main=main, merge_main=merge).run()
-
-
-def _local_processes_wanted(argv: list[str]) -> bool:
+def launch(argv: list[str]) -> None:
+    """The job's command: one pipeline, or with --local_processes N, N processes (beam_jobs/local_processes.py)."""
     options = PipelineOptions(argv)
     opts = options.view_as(SensorScoringOptions)
     if opts.local_processes <= 1 or opts.input_files or opts.output_dir:
-        return False
+        run(argv)
+        return
     check_runner(options.view_as(StandardOptions).runner)
-    return True
+    # Only the broker is checked here: the scoring processes are forked before any torch work (LocalProcesses
+    # says why), and each checks its models itself.
+    merge = functools.partial(main, entry=drift_merge.run, doc=drift_merge.__doc__, prog=drift_merge.PROG)
+    sys.exit(LocalProcesses(argv, opts, prepare_topics(opts), scoring_main=main, merge_main=merge).run())
 
 
 def _configure_logging() -> None:
@@ -214,7 +208,7 @@ def _configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv: list[str] | None = None, entry: Callable[[list[str]], object] = run, doc: str = __doc__,
+def main(argv: list[str] | None = None, entry: Callable[[list[str]], object] = launch, doc: str = __doc__,
          prog: str = "python -m beam_jobs.sensor_scoring") -> None:
     """The command line of the job (and of beam_jobs.drift_merge, with its `entry`): logging, signals, exit codes."""
     _configure_logging()
@@ -223,10 +217,8 @@ def main(argv: list[str] | None = None, entry: Callable[[list[str]], object] = r
     if "--help" in argv or "-h" in argv:
         help_parser(prog, doc).print_help()
         return
+    _drain_on_signals()  # the launcher of --local_processes replaces these with its own
     try:
-        if entry is run and _local_processes_wanted(argv):
-            sys.exit(run_local_processes(argv))
-        _drain_on_signals()
         entry(argv)
     except (BrokerUnavailable, ModelArtifactError, RolloutError, RecordingError, KafkaSecurityError,
             PseudonymizeKeyMissing, UnknownPartitions, LocalProcessesError) as e:

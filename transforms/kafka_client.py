@@ -271,7 +271,10 @@ def select_partitions(partitions: list[PartitionDescriptor], wanted: Optional[st
     """The partitions named in `wanted` ("0,2"), or all of them when it is empty; an unknown one is an error."""
     if not wanted:
         return partitions
-    numbers = {int(n) for n in wanted.split(",") if n.strip()}
+    try:
+        numbers = {int(n) for n in wanted.split(",") if n.strip()}
+    except ValueError:
+        raise UnknownPartitions(f"--input_partitions {wanted}: give partition numbers, e.g. 0,2") from None
     unknown = numbers - {p.partition for p in partitions}
     if unknown:
         raise UnknownPartitions(f"--input_partitions {wanted}: the input topic has no partition "
