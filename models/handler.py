@@ -59,7 +59,7 @@ class ScoringHeadHandler(ModelHandler[np.ndarray, PredictionResult, ScoringHead]
         return "scoring_head"
 
     def batch_elements_kwargs(self) -> dict[str, int]:
-        return {"min_batch_size": 1, "max_batch_size": self._max_batch_size}
+        return {"min_batch_size": self._max_batch_size, "max_batch_size": self._max_batch_size}
 
 
 def scoring_model_handler(*, max_batch_size: int, device: str = "CPU") -> KeyedModelHandler:

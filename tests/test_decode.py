@@ -15,7 +15,16 @@ from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 
 from schemas.serde import EVENT, AvroEncoder
 from transforms.dead_letters import Rejected
-from transforms.decode import STAGE_DECODE, STAGE_VALIDATE, DecodeEvents, ValidationRules, ValidEvent, validation_error
+from transforms.decode import (
+    MAX_BUFFERED_EVENTS,
+    STAGE_DECODE,
+    STAGE_VALIDATE,
+    DecodeEvents,
+    DeviceEvents,
+    ValidationRules,
+    ValidEvent,
+    validation_error,
+)
 from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import SourcePosition
 
@@ -124,17 +133,27 @@ def _valid(record: KafkaRecord, event: dict) -> ValidEvent:
 def _split(outputs) -> tuple[beam.PCollection, beam.PCollection]:
     """(valid events, rejected records) of DecodeEvents' one keyed stream, checking the keys on the way."""
 
-    def item_of(element):
+    def items_of(element):
         key, item = element
-        expected = item.device_id if isinstance(item, ValidEvent) else item.routing_key
-        if key != expected:
-            raise BeamAssertException(f"{item} keyed by {key!r}, not {expected!r}")
-        return item
+        items = item.events if isinstance(item, DeviceEvents) else (item,)
+        for single in items:
+            expected = single.device_id if isinstance(single, ValidEvent) else single.routing_key
+            if key != expected:
+                raise BeamAssertException(f"{single} keyed by {key!r}, not {expected!r}")
+        return items
 
-    items = outputs | "Items" >> beam.Map(item_of)
+    items = outputs | "Items" >> beam.FlatMap(items_of)
     events = items | "Events" >> beam.Filter(lambda item: isinstance(item, ValidEvent))
     rejected = items | "Rejected" >> beam.Filter(lambda item: isinstance(item, Rejected))
     return events, rejected
+
+
+def _device_events(outputs) -> beam.PCollection:
+    """(device_id, [event_id, ...], timestamp ms) of each DeviceEvents element."""
+    return (outputs
+            | "DeviceEvents" >> beam.Filter(lambda element: isinstance(element[1], DeviceEvents))
+            | "Ids" >> beam.Map(lambda element, ts=beam.DoFn.TimestampParam:
+                                (element[0], [e.event_id for e in element[1].events], ts.micros // 1000)))
 
 
 @pytest.mark.parametrize("wire", ["plain", "confluent"])
@@ -159,10 +178,13 @@ def test_decode_events_splits_valid_events_from_dead_letters(wire):
                         + [(_source(r), _letter(r, STAGE_DECODE), m) for r, m in garbage])
 
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        events, rejected = _split(p | beam.Create(records) | DecodeEvents(wire))
+        outputs = p | beam.Create(records) | DecodeEvents(wire)
+        events, rejected = _split(outputs)
         assert_that(events, equal_to([_valid(r, e) for r, e in zip(good_records, good)]), label="events")
-        stamped = events | beam.Map(lambda e, ts=beam.DoFn.TimestampParam: (e.event_id, ts.micros // 1000))
-        assert_that(stamped, equal_to([(e["event_id"], e["event_time"]) for e in good]), label="timestamps")
+        # press-1's two events are one element, stamped with the earlier event time (e-3's).
+        assert_that(_device_events(outputs),
+                    equal_to([("press-1", ["e-1", "e-3"], good[2]["event_time"]),
+                              ("press-2", ["e-2"], good[1]["event_time"])]), label="device events")
         assert_that(rejected, _expect_dead_letters(expected_letters), label="dead letters")
 
 
@@ -172,11 +194,26 @@ def test_each_record_leaves_exactly_once():
                for i in range(1, 61)]
     with BeamTestPipeline(runner="FnApiRunner") as p:
         outputs = p | beam.Create(records) | DecodeEvents()
-        offsets = outputs | "AllOffsets" >> beam.Map(lambda element: element[1].source.offset)
+        offsets = outputs | "AllOffsets" >> beam.FlatMap(
+            lambda element: [e.source.offset for e in getattr(element[1], "events", (element[1],))])
         assert_that(offsets, equal_to(list(range(1, 61))), label="all offsets once")
         _, rejected = _split(outputs)
         letters = rejected | "Offsets" >> beam.Map(lambda letter: letter.record["offset"])
         assert_that(letters, equal_to(list(range(3, 61, 3))), label="every third is out of range")
+
+
+def test_a_device_s_events_are_grouped_in_arrival_order_up_to_the_buffer_limit():
+    encode = AvroEncoder(EVENT)
+    count = MAX_BUFFERED_EVENTS + 5
+    records = [_record(i, encode(_event(event_id=f"e-{i}", device_id=f"press-{i % 2}",
+                                        event_time=NOW_MS - (count - i) * 1000)))
+               for i in range(count)]
+    with BeamTestPipeline(runner="FnApiRunner") as p:
+        groups = _device_events(p | beam.Create(records, reshuffle=False) | DecodeEvents())
+        in_order = groups | beam.Map(lambda g: (g[0], len(g[1]), g[1] == sorted(g[1], key=lambda i: int(i[2:]))))
+        half = MAX_BUFFERED_EVENTS // 2
+        assert_that(in_order, equal_to([("press-0", half, True), ("press-1", half, True),
+                                     ("press-0", 3, True), ("press-1", 2, True)]))
 
 
 def test_custom_rules_reach_the_workers():

@@ -12,7 +12,7 @@ from apache_beam.transforms.window import TimestampedValue
 
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from models.rollout import RolloutConfig
-from transforms.decode import ValidEvent
+from transforms.decode import DeviceEvents, ValidEvent
 from transforms.device_state import DeviceLogic, DeviceStateDoFn, KeepDeviceState
 from transforms.offset_commits import SourcePosition
 
@@ -31,6 +31,11 @@ def event(device: str, t_ms: int, offset: int, source_watermark_ms: int | None =
 
 def logic() -> DeviceLogic:
     return DeviceLogic.for_artifact(ARTIFACT, TTL_S * 1000, calibration_events=CALIBRATION)
+
+
+def _keyed(e: ValidEvent) -> tuple[str, DeviceEvents]:
+    """The event as DecodeEvents hands it to the device state: alone in its DeviceEvents."""
+    return e.device_id, DeviceEvents((e,))
 
 
 def run_steps(events: list[ValidEvent]) -> list:
@@ -99,11 +104,36 @@ def _model_inputs(stream: EventStream) -> dict:
         _ = (
             pipeline
             | stream
-            | beam.Map(lambda e: (e.device_id, e)).with_output_types(Tuple[str, Any])
+            | beam.Map(_keyed).with_output_types(Tuple[str, Any])
             | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S))
             | beam.ParDo(_KeepModelInputs())
         )
     return dict(_KeepModelInputs.seen)
+
+
+def _rows_of(elements: list[tuple[str, DeviceEvents]]) -> dict:
+    """Head rows by event_id of DeviceStateDoFn on `elements`, on the in-process runner."""
+    _KeepModelInputs.seen = {}
+    with beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([])) as pipeline:
+        _ = (pipeline
+             | beam.Create(elements, reshuffle=False).with_output_types(Tuple[str, Any])
+             | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S))
+             | beam.ParDo(_KeepModelInputs()))
+    return dict(_KeepModelInputs.seen)
+
+
+def test_a_device_s_events_in_one_element_step_as_if_they_came_one_by_one():
+    """Calibration, a reset after a gap and an out-of-order event inside one DeviceEvents: the same rows."""
+    times = [1000 * t for t in (1, 2, 3, 4, 6, 5, 7)] + [7000 + TTL_S * 1000 + 1000 * t for t in (1, 2, 3)]
+    events = {d: [event(d, t, i) for i, t in enumerate(times)] for d in ("a", "b")}
+    one_by_one = _rows_of([_keyed(e) for d in events for e in events[d]])
+    grouped = _rows_of([(d, DeviceEvents(tuple(events[d][:4]))) for d in events]
+                       + [(d, DeviceEvents(tuple(events[d][4:]))) for d in events])
+    assert len(one_by_one) == 2 * len(times)
+    assert one_by_one.keys() == grouped.keys()
+    for event_id, row in one_by_one.items():
+        np.testing.assert_array_equal(grouped[event_id], row, err_msg=event_id)
+    assert one_by_one["a-5000"][-1] > 0 and one_by_one[f"a-{8000 + TTL_S * 1000}"][-1] == 0.0  # calibrated, then reset
 
 
 def _ts(e: ValidEvent) -> TimestampedValue:
@@ -148,7 +178,7 @@ def _live_devices_after(events: list[ValidEvent]) -> int:
     """devices_with_live_state at the end of a bounded FnApiRunner run (whose metrics are exact)."""
     pipeline = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
     _ = (pipeline
-         | beam.Create([(e.device_id, e) for e in events]).with_output_types(Tuple[str, Any])
+         | beam.Create([(e.device_id, DeviceEvents((e,))) for e in events]).with_output_types(Tuple[str, Any])
          | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S)))
     result = pipeline.run()
     result.wait_until_finish()
@@ -223,7 +253,7 @@ def _run(stream: EventStream, device_state) -> dict:
     options.view_as(StandardOptions).streaming = True
     _KeepModelInputs.seen = {}
     with beam.Pipeline(options=options) as pipeline:
-        keyed = pipeline | stream | beam.Map(lambda e: (e.device_id, e)).with_output_types(Tuple[str, Any])
+        keyed = pipeline | stream | beam.Map(_keyed).with_output_types(Tuple[str, Any])
         _ = device_state(keyed) | beam.ParDo(_KeepModelInputs())
     return dict(_KeepModelInputs.seen)
 

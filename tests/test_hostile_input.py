@@ -22,7 +22,7 @@ from schemas.serde import DEAD_LETTER, EVENT, SCORE, AvroDecoder, AvroEncoder
 from tests.kafka_helpers import produce_all, read_all
 from tests.test_job import run_job
 from transforms.dead_letters import Rejected
-from transforms.decode import ValidationRules, ValidEvent, _DecodeFn
+from transforms.decode import DeviceEvents, ValidationRules, ValidEvent, _DecodeFn
 from transforms.kafka_client import ensure_topics
 from transforms.kafka_source import KafkaRecord
 
@@ -61,10 +61,12 @@ def _decode_fn() -> _DecodeFn:
 
 
 def decode_one(fn: _DecodeFn, value: bytes, offset: int = 7) -> object:
-    """The one element the decode stage yields for `value`."""
+    """What the decode stage yields for `value` alone in a bundle: its ValidEvent or its Rejected."""
     record = KafkaRecord("in", 0, offset, offset, b"k", value, NOW_MS, NOW_MS)
-    (output,) = list(fn.process(record))
-    return output.value[1] if hasattr(output, "value") else output[1]
+    fn.start_bundle()
+    (output,) = [*fn.process(record), *fn.finish_bundle()]
+    payload = output.value[1] if hasattr(output, "value") else output[1]
+    return payload.events[0] if isinstance(payload, DeviceEvents) else payload
 
 
 def scoreable(event: ValidEvent, now_ms: int) -> bool:

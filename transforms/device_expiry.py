@@ -33,7 +33,7 @@ from typing import Any, Iterator, NamedTuple
 
 import apache_beam as beam
 
-from transforms.decode import ValidEvent
+from transforms.decode import DeviceEvents
 from transforms.offset_commits import partition_key
 
 
@@ -100,10 +100,10 @@ class WakeParkedDevicesFn(beam.DoFn):
     It tracks the evidence it has seen on its own: the device DoFn decides
     with the evidence of the records it has processed itself, and a runner
     may run this step ahead of it over a whole bundle. A check follows the
-    record that made it due, so a runner that passes elements on one at a
-    time (the fused in-process stage) lets the device DoFn see that record's
+    device's events that made it due, so a runner that passes elements on one
+    at a time (the fused in-process stage) lets the device DoFn see their
     evidence first; a check that still finds the evidence short parks the
-    device again, for the next record to wake.
+    device again, for the next events to wake.
     """
 
     def __init__(self, job_token: str):
@@ -116,12 +116,19 @@ class WakeParkedDevicesFn(beam.DoFn):
 
     def process(self, element: tuple[str, Any]) -> Iterator[tuple[str, Any]]:
         yield element
-        _, event = element
-        if not isinstance(event, ValidEvent):
+        _, device_events = element
+        if not isinstance(device_events, DeviceEvents):
             return
-        partition = partition_key(event.source.topic, event.source.partition)
-        watermark_ms = max(event.watermark_ms, self._watermarks.get(partition, -1))
-        self._watermarks[partition] = watermark_ms
-        for expires_at_ms, device_id in self._evidence.due(partition, watermark_ms):
-            self._woken.inc()
-            yield device_id, ExpiryCheck(expires_at_ms)
+        for partition in self._observe(device_events):
+            for expires_at_ms, device_id in self._evidence.due(partition, self._watermarks[partition]):
+                self._woken.inc()
+                yield device_id, ExpiryCheck(expires_at_ms)
+
+    def _observe(self, device_events: DeviceEvents) -> set[str]:
+        """Takes in the events' source watermarks; the partitions they came from."""
+        partitions = set()
+        for event in device_events.events:
+            partition = partition_key(event.source.topic, event.source.partition)
+            self._watermarks[partition] = max(event.watermark_ms, self._watermarks.get(partition, -1))
+            partitions.add(partition)
+        return partitions

@@ -51,7 +51,7 @@ from models.detector import DetectorState
 from models.preprocessing import readings_vector
 from models.rollout import ModelSource, RolloutConfig, ServedModel, ServingModel, fixed_models, watch_models
 from transforms.dead_letters import Rejected
-from transforms.decode import ValidEvent
+from transforms.decode import DeviceEvents, ValidEvent
 from transforms.device_expiry import ExpiryCheck, WakeParkedDevicesFn, evidence_for
 from transforms.live_stats import LIVE
 from transforms.offset_commits import partition_key
@@ -172,7 +172,10 @@ class DeviceLogic:
 
 
 class DeviceStateDoFn(beam.DoFn):
-    """Keyed by device_id: (device_id, ValidEvent) in, (ScoringContext, model input row) out.
+    """Keyed by device_id: (device_id, DeviceEvents) in, (ScoringContext, model input row) per event out.
+
+    The state is read once and written once per DeviceEvents, whatever the
+    number of events in it.
 
     Rejected records (keyed by partition) pass through as (Rejected, None),
     touching no state, on their way to the one sink. An ExpiryCheck (from
@@ -204,28 +207,30 @@ class DeviceStateDoFn(beam.DoFn):
 
     def process(
         self,
-        element: tuple[str, ValidEvent | Rejected | ExpiryCheck],
+        element: tuple[str, DeviceEvents | Rejected | ExpiryCheck],
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> Iterator[tuple[ScoringContext | Rejected, np.ndarray | None]]:
-        device_id, event = element
-        if isinstance(event, Rejected):
-            yield event, None
+        device_id, payload = element
+        if isinstance(payload, Rejected):
+            yield payload, None
             return
-        if isinstance(event, ExpiryCheck):
+        if isinstance(payload, ExpiryCheck):
             self._check_parked(device_id, device)
             return
-        partition = partition_key(event.source.topic, event.source.partition)
-        self._evidence.observe(partition, event.watermark_ms)
-        previous = device.read()
-        step = self._logic.on_event(previous, event.event_time, event.readings, partition, event.device_id)
-        device.write(step.state)
-        self._count(previous, step)
-        if previous is None or step.reset:  # a new state: later events leave the timer to move itself
-            expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
-        for model_step in step.steps:
-            context = ScoringContext(event, model_step.imputed, model_step.calibrating, model_step.model)
-            yield context, model_step.model_input
+        state: Optional[DeviceState] = device.read()
+        for event in payload.events:
+            partition = partition_key(event.source.topic, event.source.partition)
+            self._evidence.observe(partition, event.watermark_ms)
+            step = self._logic.on_event(state, event.event_time, event.readings, partition, event.device_id)
+            self._count(state, step)
+            if state is None or step.reset:  # a new state: later events leave the timer to move itself
+                expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
+            state = step.state
+            for model_step in step.steps:
+                context = ScoringContext(event, model_step.imputed, model_step.calibrating, model_step.model)
+                yield context, model_step.model_input
+        device.write(state)
 
     def _count(self, previous: Optional[DeviceState], step: StepResult) -> None:
         self._events.inc()

@@ -56,7 +56,7 @@ from apache_beam.transforms.window import FixedWindows, GlobalWindows
 
 from models.drift_reference import SCORE_FEATURE, DriftReference
 from schemas.serde import DRIFT, RETRAIN, AvroEncoder, ScoreHeadReader
-from transforms.decode import ValidEvent
+from transforms.decode import DeviceEvents
 from transforms.drift_partials import PartialSummaries, PartialSummary
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics, load_scipy_stats
 from transforms.kafka_sink import SCORES, OutgoingMessage
@@ -70,7 +70,7 @@ RETRAIN_STREAM = "retrain"
 
 
 class _ReadingValuesFn(beam.DoFn):
-    """(key, ValidEvent | Rejected) -> (feature, PartialSummary) per reference reading, window and partition.
+    """(key, DeviceEvents | Rejected) -> (feature, PartialSummary) per reference reading, window and partition.
 
     It reads DecodeEvents' output, so events are decoded and validated once;
     rejected records are the scoring path's to report. The evidence of a
@@ -86,11 +86,12 @@ class _ReadingValuesFn(beam.DoFn):
         self._partials = PartialSummaries(self._reference, self._window_ms, self._features)
 
     def process(self, element: tuple[str, Any]) -> None:
-        _, event = element
-        if not isinstance(event, ValidEvent):
+        _, device_events = element
+        if not isinstance(device_events, DeviceEvents):
             return
-        partition = partition_key(event.source.topic, event.source.partition)
-        self._partials.add(event.event_time, partition, event.watermark_ms, event.device_id, event.readings)
+        for event in device_events.events:
+            partition = partition_key(event.source.topic, event.source.partition)
+            self._partials.add(event.event_time, partition, event.watermark_ms, event.device_id, event.readings)
 
     def finish_bundle(self):
         yield from self._partials.emit()
