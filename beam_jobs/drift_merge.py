@@ -30,12 +30,12 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_jobs.drift_output import drift_closer, drift_reference, drift_topics
 from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.options import SensorScoringOptions, kafka_config
+from beam_jobs.pipelines import new_pipeline
 from models.drift_reference import DriftReference
 from transforms.drift_partials import PartialsFromRecordsFn
 from transforms.kafka_client import PartitionDescriptor, resolve_partitions
 from transforms.kafka_sink import WriteToKafka
 from transforms.kafka_source import ReadFromKafkaPartitions
-from transforms.state_cache import no_state_cache_in_process
 
 _LOG = logging.getLogger("drift_merge")
 PROG = "python -m beam_jobs.drift_merge"
@@ -71,8 +71,7 @@ def run(argv: list[str]) -> None:
     partitions = resolve_partitions(kafka_config(opts), opts.drift_partials_topic, "committed", merge_group(opts),
                                     opts.bounded)
     _LOG.info("merging drift partials from %s", opts.drift_partials_topic)
-    no_state_cache_in_process()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = new_pipeline(options)
     build_merge_pipeline(pipeline, opts, partitions, reference)
     with long_lived_objects_frozen():
         pipeline.run().wait_until_finish()

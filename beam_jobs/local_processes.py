@@ -41,6 +41,7 @@ import torch
 from beam_jobs.drift_merge import merge_group
 from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.options import SensorScoringOptions, kafka_config
+from beam_jobs.pipelines import runs_in_process
 from models.drift_reference import load_reference
 from transforms.kafka_client import PartitionDescriptor, commit_end_offsets, ensure_topics
 
@@ -62,7 +63,7 @@ class LocalProcessesError(ValueError):
 
 def check_runner(runner: Optional[str]) -> None:
     """Only the DirectRunner: on Flink each process would submit a whole job; Flink's --parallelism splits there."""
-    if runner and runner.split(".")[-1] not in ("DirectRunner", "direct", "FnApiRunner"):
+    if not runs_in_process(runner):
         raise LocalProcessesError(f"--local_processes is for the DirectRunner, not {runner}: "
                                   "leave it at 1 and set --parallelism")
 

@@ -35,6 +35,7 @@ from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
+from beam_jobs.pipelines import new_pipeline
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError
 from models.rollout import RolloutError
@@ -54,7 +55,6 @@ from transforms.kafka_source import ReadFromKafkaPartitions, request_drain
 from transforms.offset_commits import CommitOffsets
 from transforms.pseudonymize import PseudonymizeKeyMissing, pseudonymizer_from_env
 from transforms.score_records import ScoreSensorRecords
-from transforms.state_cache import no_state_cache_in_process
 
 _LOG = logging.getLogger("sensor_scoring")
 
@@ -112,8 +112,7 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
         raise RecordingError("--input_files needs --output_dir, the folder the Avro outputs go to")
     rollout_config(opts).check()
     options.view_as(StandardOptions).streaming = False
-    no_state_cache_in_process()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = new_pipeline(options)
     build_file_pipeline(pipeline, opts)
     _LOG.info("scoring %s into %s", opts.input_files, opts.output_dir)
     with long_lived_objects_frozen():
@@ -152,8 +151,7 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     partitions = prepare(opts)
     _LOG.info("reading %s: %s", opts.input_topic,
               ", ".join(f"p{p.partition}@{p.start_offset}..{p.stop_offset or 'end'}" for p in partitions))
-    no_state_cache_in_process()
-    pipeline = beam.Pipeline(options=options)
+    pipeline = new_pipeline(options)
     build_pipeline(pipeline, opts, partitions)
     monitor = Monitor(opts.status_interval_s, opts.metrics_port).start()
     try:

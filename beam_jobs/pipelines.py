@@ -1,0 +1,44 @@
+"""The Beam pipeline every entry point runs; on the DirectRunner, straight on the in-process runner.
+
+Beam's DirectRunner first tries Prism, a runner binary it downloads from
+GitHub on every start, and falls back to the in-process FnApiRunner when
+that fails. Without network (this machine) each job process spent about
+0.2 s on the attempt and kept the worker pool Beam started for it; with
+network the job would run on Prism instead of the runner its timer and
+state behaviour was measured and tested on (README, Design). So the job's
+pipelines, which the FnApiRunner supports (no processing-time timers, no
+TestStream), go to it directly, set up as the DirectRunner sets it up:
+with the pipeline options in its provision info, for multi-process workers.
+Any other ``--runner`` is Beam's to create.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from transforms.state_cache import no_state_cache_in_process
+
+IN_PROCESS_RUNNERS = ("DirectRunner", "direct", "FnApiRunner")
+
+
+def runs_in_process(runner: Optional[str]) -> bool:
+    """True for the DirectRunner (the default) and the FnApiRunner by any of their names."""
+    return runner is None or runner.split(".")[-1] in IN_PROCESS_RUNNERS
+
+
+def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
+    """A pipeline for `options`, on the FnApiRunner without a state cache when it runs in this process."""
+    if not runs_in_process(options.view_as(StandardOptions).runner):
+        return beam.Pipeline(options=options)
+    from apache_beam.portability.api import beam_provision_api_pb2
+    from apache_beam.runners.portability.fn_api_runner import fn_runner
+    from apache_beam.runners.portability.portable_runner import JobServiceHandle
+
+    no_state_cache_in_process()
+    encoded_options = JobServiceHandle.encode_pipeline_options(options.get_all_options())
+    provision_info = fn_runner.ExtendedProvisionInfo(
+        beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded_options))
+    return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision_info), options=options)
