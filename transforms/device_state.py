@@ -130,16 +130,24 @@ class DeviceLogic:
         """One fixed model: offline tools, benchmarks, tests."""
         return cls(fixed_models(artifact, calibration_events, quantize), state_ttl_ms)
 
+    def models_for(self, device_id: str) -> tuple[ServingModel, ...]:
+        """The models serving the device now; the roster may change between calls (models/rollout.py)."""
+        return self._models().models_for(device_id)
+
     def on_event(self, state: Optional[DeviceState], event_time: int, readings: dict, partition: str,
-                 device_id: str = "") -> StepResult:
-        """Prepares the event's model inputs and advances the state by one step."""
+                 device_id: str = "", models: Optional[tuple[ServingModel, ...]] = None) -> StepResult:
+        """Prepares the event's model inputs and advances the state by one step.
+
+        `models` is :meth:`models_for` the device, from a caller that steps
+        several of its events at once and looks the roster up once for them.
+        """
         reset = state is not None and event_time - state.last_event_time >= self.state_ttl_ms
         if state is None or reset:
             state = DeviceState()
         in_order = event_time >= state.last_event_time
         stepped: dict[str, tuple[DetectorState, np.ndarray, bool]] = {}
         steps = tuple(self._step(serving, state, stepped, readings, in_order)
-                      for serving in self._models().models_for(device_id))
+                      for serving in models or self.models_for(device_id))
         if in_order:
             # States of models that no longer serve the device are dropped here.
             state.detectors = {signature: detector for signature, (detector, _, _) in stepped.items()}
@@ -219,10 +227,11 @@ class DeviceStateDoFn(beam.DoFn):
             self._check_parked(device_id, device)
             return
         state: Optional[DeviceState] = device.read()
+        models = self._logic.models_for(device_id)  # once for the events of this element
         for event in payload.events:
             partition = partition_key(event.source.topic, event.source.partition)
             self._evidence.observe(partition, event.watermark_ms)
-            step = self._logic.on_event(state, event.event_time, event.readings, partition, event.device_id)
+            step = self._logic.on_event(state, event.event_time, event.readings, partition, device_id, models)
             self._count(state, step)
             if state is None or step.reset:  # a new state: later events leave the timer to move itself
                 expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))

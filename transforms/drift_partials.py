@@ -25,6 +25,7 @@ partition so one partition's partials stay in order, and
 
 from __future__ import annotations
 
+import math
 import uuid
 from typing import Iterator, Mapping, NamedTuple, Optional
 
@@ -34,7 +35,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from models.drift_reference import DriftReference
 from schemas.serde import DRIFT_PARTIAL, AvroDecoder, AvroEncoder, SerdeError
-from transforms.drift_stats import WindowSummary
+from transforms.drift_stats import DeviceIndex, WindowSummary
 from transforms.kafka_sink import OutgoingMessage
 from transforms.kafka_source import KafkaRecord
 from transforms.windowing import stamped
@@ -80,7 +81,8 @@ class PartialSummaries:
 
     An event's values are kept as the one mapping it came with and split
     into features only when the bundle ends, once per (window, partition)
-    group rather than once per event and feature.
+    group rather than once per event and feature; the group's devices are
+    numbered once for all its features.
     """
 
     def __init__(self, reference: DriftReference, window_ms: int, features: tuple[str, ...]):
@@ -106,14 +108,22 @@ class PartialSummaries:
     def emit(self) -> Iterator[WindowedValue]:
         """The bundle's partial summaries, in the global window, stamped inside their event-time window."""
         for (start, partition), (device_ids, rows, evidence_ms) in self._open.items():
-            for feature in self._features:
+            devices = DeviceIndex(device_ids)
+            columns = _readings_matrix(rows, self._features)
+            for feature, column in zip(self._features, columns.T):
                 reference = self._reference.features[feature]
                 summary = WindowSummary.empty(reference)
-                summary.add_many(reference, device_ids, [row.get(feature) for row in rows])
+                summary.add_column(reference, devices, column)
                 partial = PartialSummary(feature, start, partition, evidence_ms, self._bundle, summary)
                 yield stamped((feature, partial), start)
         self._open = {}
         self._bundle = uuid.uuid4().hex
+
+
+def _readings_matrix(rows: list[Mapping[str, Optional[float]]], features: tuple[str, ...]) -> np.ndarray:
+    """One row per event, one column per feature; NaN where the event has no value."""
+    return np.array([[math.nan if v is None else v for v in map(row.get, features)] for row in rows],
+                    dtype=np.float64).reshape(len(rows), len(features))
 
 
 class PartialsToMessagesFn(beam.DoFn):

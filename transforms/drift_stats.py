@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -69,6 +69,20 @@ class Moments:
 
 
 _NO_IDS = np.empty(0, dtype="S1")
+
+
+class DeviceIndex:
+    """The device ids of a batch of values, numbered in order of first appearance and sorted once.
+
+    Every feature of a batch of events has the same devices, so the drift
+    value step numbers them once for all features (:meth:`WindowSummary.add_column`).
+    """
+
+    def __init__(self, device_ids: Sequence[str]):
+        numbers: dict[str, int] = {}
+        self.group = np.array([numbers.setdefault(d, len(numbers)) for d in device_ids], dtype=np.intp)
+        self.ids = np.array([d.encode() for d in numbers], dtype=bytes)
+        self.order = np.argsort(self.ids, kind="stable")
 
 
 @dataclass
@@ -113,6 +127,10 @@ class WindowSummary:
         from two-pass sums and are merged in (Chan), equal to adding them one by one up to float rounding.
         """
         x = np.array([math.nan if v is None else v for v in values], dtype=np.float64)
+        self.add_column(reference, DeviceIndex(device_ids), x)
+
+    def add_column(self, reference: FeatureReference, devices: DeviceIndex, x: np.ndarray) -> None:
+        """:meth:`add_many` with the device ids numbered already (NaN: missing), for several features at once."""
         observed = ~np.isnan(x)
         self.events += len(x)
         self.missing += int(len(x) - np.count_nonzero(observed))
@@ -123,14 +141,14 @@ class WindowSummary:
                                        minlength=len(self.psi_counts))
         self.ks_counts += np.bincount(np.searchsorted(reference.ks_edges, x, side="right"),
                                       minlength=len(self.ks_counts))
-        index: dict[str, int] = {}
-        group = np.array([index.setdefault(d, len(index)) for d, o in zip(device_ids, observed.tolist()) if o])
-        counts = np.bincount(group)
-        means = np.bincount(group, weights=x) / counts
-        m2 = np.bincount(group, weights=(x - means[group]) ** 2)
-        ids = np.array([d.encode() for d in index], dtype=bytes)
-        order = np.argsort(ids, kind="stable")
-        self._merge_moments(ids[order], counts[order], means[order], m2[order])
+        group = devices.group[observed]
+        counts = np.bincount(group, minlength=len(devices.ids))
+        present = counts > 0
+        means = np.zeros(len(counts))
+        np.divide(np.bincount(group, weights=x, minlength=len(counts)), counts, out=means, where=present)
+        m2 = np.bincount(group, weights=(x - means[group]) ** 2, minlength=len(counts))
+        keep = devices.order[present[devices.order]]  # the devices with values here, by id
+        self._merge_moments(devices.ids[keep], counts[keep], means[keep], m2[keep])
 
     def merge(self, other: WindowSummary) -> WindowSummary:
         self.events += other.events
