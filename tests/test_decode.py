@@ -116,6 +116,11 @@ def _expect_dead_letters(expected: list[tuple[SourcePosition, dict, str]]):
     return check
 
 
+def _polls(records: list[KafkaRecord], size: int = 4) -> list[tuple[KafkaRecord, ...]]:
+    """The records as the source hands them on: a tuple per poll."""
+    return [tuple(records[i:i + size]) for i in range(0, len(records), size)]
+
+
 def _letter(record: KafkaRecord, stage: str) -> dict:
     return {"topic": record.topic, "partition": record.partition, "offset": record.offset, "key": record.key,
             "value": record.value, "stage": stage}
@@ -178,7 +183,7 @@ def test_decode_events_splits_valid_events_from_dead_letters(wire):
                         + [(_source(r), _letter(r, STAGE_DECODE), m) for r, m in garbage])
 
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        outputs = p | beam.Create(records) | DecodeEvents(wire)
+        outputs = p | beam.Create(_polls(records)) | DecodeEvents(wire)
         events, rejected = _split(outputs)
         assert_that(events, equal_to([_valid(r, e) for r, e in zip(good_records, good)]), label="events")
         # press-1's two events are one element, stamped with the earlier event time (e-3's).
@@ -193,7 +198,7 @@ def test_each_record_leaves_exactly_once():
     records = [_record(i, encode(_event(event_id=f"e-{i}", readings={"temp": float(i if i % 3 else 2e9)})))
                for i in range(1, 61)]
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        outputs = p | beam.Create(records) | DecodeEvents()
+        outputs = p | beam.Create(_polls(records)) | DecodeEvents()
         offsets = outputs | "AllOffsets" >> beam.FlatMap(
             lambda element: [e.source.offset for e in getattr(element[1], "events", (element[1],))])
         assert_that(offsets, equal_to(list(range(1, 61))), label="all offsets once")
@@ -209,7 +214,7 @@ def test_a_device_s_events_are_grouped_in_arrival_order_up_to_the_buffer_limit()
                                         event_time=NOW_MS - (count - i) * 1000)))
                for i in range(count)]
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        groups = _device_events(p | beam.Create(records, reshuffle=False) | DecodeEvents())
+        groups = _device_events(p | beam.Create([tuple(records)]) | DecodeEvents())
         in_order = groups | beam.Map(lambda g: (g[0], len(g[1]), g[1] == sorted(g[1], key=lambda i: int(i[2:]))))
         half = MAX_BUFFERED_EVENTS // 2
         assert_that(in_order, equal_to([("press-0", half, True), ("press-1", half, True),
@@ -220,7 +225,8 @@ def test_custom_rules_reach_the_workers():
     encode = AvroEncoder(EVENT)
     record = _record(1, encode(_event(readings={"temp": 50.0})))
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        events, rejected = _split(p | beam.Create([record]) | DecodeEvents(rules=ValidationRules(max_abs_reading=10.0)))
+        outputs = p | beam.Create([(record,)]) | DecodeEvents(rules=ValidationRules(max_abs_reading=10.0))
+        events, rejected = _split(outputs)
         assert_that(events, equal_to([]), label="events")
         assert_that(rejected,
                     _expect_dead_letters([(_source(record), _letter(record, STAGE_VALIDATE), "beyond ±10")]),

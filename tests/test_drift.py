@@ -8,8 +8,8 @@ close the last window of a stream.
 
 from __future__ import annotations
 
-import numpy as np
 import apache_beam as beam
+import numpy as np
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -74,7 +74,9 @@ def run_drift(windows: int, shift_from_window: int, check_statistics, check_trig
     options.view_as(StandardOptions).streaming = True
     with TestPipeline(options=options) as p:
         mixed = p | stream(windows, shift_from_window)
-        records = mixed | "Records" >> beam.Filter(lambda x: isinstance(x, KafkaRecord))
+        records = (mixed
+                   | "Records" >> beam.Filter(lambda x: isinstance(x, KafkaRecord))
+                   | "Polls" >> beam.Map(lambda record: (record,)))
         scores = mixed | "Scores" >> beam.Filter(lambda x: isinstance(x, OutgoingMessage))
         events = records | DecodeEvents()
         readings, score_drift = (events, scores) | ComputeDrift(REFERENCE, window_s=60, retrain_after_windows=2,

@@ -64,7 +64,7 @@ def decode_one(fn: _DecodeFn, value: bytes, offset: int = 7) -> object:
     """What the decode stage yields for `value` alone in a bundle: its ValidEvent or its Rejected."""
     record = KafkaRecord("in", 0, offset, offset, b"k", value, NOW_MS, NOW_MS)
     fn.start_bundle()
-    (output,) = [*fn.process(record), *fn.finish_bundle()]
+    (output,) = [*fn.process((record,)), *fn.finish_bundle()]
     payload = output.value[1] if hasattr(output, "value") else output[1]
     return payload.events[0] if isinstance(payload, DeviceEvents) else payload
 

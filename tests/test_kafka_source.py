@@ -17,8 +17,16 @@ START_MS = 1_750_000_000_000
 
 def _read(kafka_config, partitions, check, **read_options) -> None:
     with beam.Pipeline(options=PipelineOptions(["--direct_num_workers", "1"])) as pipeline:
-        records = pipeline | ReadFromKafkaPartitions(kafka_config, partitions, **read_options)
-        check(records)
+        polls = pipeline | ReadFromKafkaPartitions(kafka_config, partitions, **read_options)
+        bad_polls = polls | "Check" >> beam.Map(_poll_in_order) | "Bad" >> beam.Filter(lambda in_order: not in_order)
+        assert_that(bad_polls, equal_to([]), label="every poll in order")
+        check(polls | "Records" >> beam.FlatMap(lambda poll: poll))
+
+
+def _poll_in_order(poll, ts=beam.DoFn.TimestampParam) -> bool:
+    """A poll's records: one partition, offsets rising, stamped with the earliest record timestamp."""
+    return (len({r.partition for r in poll}) == 1 and [r.offset for r in poll] == sorted(r.offset for r in poll)
+            and ts.micros // 1000 == min(r.timestamp_ms for r in poll))
 
 
 def test_bounded_read_returns_every_record_once_with_spans_and_watermarks(kafka_config, topic_names):

@@ -21,36 +21,45 @@ from apache_beam.io.avroio import WriteToAvro
 from beam_jobs.recordings import expand_paths, read_events
 from schemas.serde import EVENT, AvroDecoder, AvroEncoder, current_schema
 from transforms.kafka_sink import OutgoingMessage
-from transforms.kafka_source import KafkaRecord
+from transforms.kafka_source import KafkaRecord, RecordBatch
 
 FILE_PARTITION = 0
 
 
-def file_records(path: str, wire_format: str) -> Iterator[beam.window.TimestampedValue]:
-    """The events of one recording as KafkaRecords keyed by device_id, timestamped by event time."""
+def file_records(path: str, wire_format: str, batch_size: int = 1000) -> Iterator[beam.window.TimestampedValue]:
+    """The events of one recording as KafkaRecords, `batch_size` to a RecordBatch stamped by its earliest event."""
     encode = AvroEncoder(EVENT, wire_format)
     watermark_ms = None
+    batch: list[KafkaRecord] = []
     for index, event in enumerate(read_events(path)):
         event_time = event["event_time"]
         watermark_ms = event_time if watermark_ms is None else max(watermark_ms, event_time)
-        record = KafkaRecord(path, FILE_PARTITION, index, index, event["device_id"].encode(), encode(event),
-                             event_time, watermark_ms)
-        yield beam.window.TimestampedValue(record, event_time / 1000)
+        batch.append(KafkaRecord(path, FILE_PARTITION, index, index, event["device_id"].encode(), encode(event),
+                                 event_time, watermark_ms))
+        if len(batch) == batch_size:
+            yield _stamped_batch(batch)
+            batch = []
+    if batch:
+        yield _stamped_batch(batch)
+
+
+def _stamped_batch(records: list[KafkaRecord]) -> beam.window.TimestampedValue:
+    return beam.window.TimestampedValue(tuple(records), min(r.timestamp_ms for r in records) / 1000)
 
 
 class ReadRecordingAsRecords(beam.PTransform):
-    """Recordings matching a glob (checked at launch) to KafkaRecords, one file per element."""
+    """Recordings matching a glob (checked at launch) to RecordBatches, as the Kafka source gives them."""
 
     def __init__(self, pattern: str, wire_format: str = "plain"):
         super().__init__()
         self._paths = [str(p) for p in expand_paths(pattern)]
         self._wire_format = wire_format
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[KafkaRecord]:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RecordBatch]:
         return (
             pbegin
             | "Files" >> beam.Create(self._paths)
-            | "Records" >> beam.FlatMap(file_records, self._wire_format).with_output_types(KafkaRecord)
+            | "Records" >> beam.FlatMap(file_records, self._wire_format).with_output_types(RecordBatch)
         )
 
 

@@ -38,7 +38,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.serde import EVENT, AvroDecoder, SerdeError
 from transforms.dead_letters import Rejected, dead_letter
-from transforms.kafka_source import KafkaRecord
+from transforms.kafka_source import KafkaRecord, RecordBatch
 from transforms.offset_commits import SourcePosition
 from transforms.pseudonymize import pseudonymizer_from_env
 from transforms.windowing import stamped
@@ -129,17 +129,24 @@ class _DecodeFn(beam.DoFn):
         self._by_device: dict[str, list[ValidEvent]] = {}
         self._buffered = 0
 
-    def process(self, record: KafkaRecord) -> Iterator[Union[WindowedValue, tuple[str, Rejected]]]:
+    def process(self, records: RecordBatch) -> Iterator[Union[WindowedValue, tuple[str, Rejected]]]:
+        for record in records:
+            rejected = self._take(record)
+            if rejected is not None:
+                yield rejected
+            elif self._buffered >= MAX_BUFFERED_EVENTS:
+                yield from self._device_events()
+
+    def _take(self, record: KafkaRecord) -> Optional[tuple[str, Rejected]]:
+        """Buffers the record's event under its device, or returns its dead letter."""
         source = SourcePosition(record.topic, record.partition, record.offset, record.span_start)
         try:
             event = self._decode(record.value)
         except SerdeError as e:
-            yield self._reject(record, source, str(e), STAGE_DECODE)
-            return
+            return self._reject(record, source, str(e), STAGE_DECODE)
         error = validation_error(event, self._rules, int(time.time() * 1000))
         if error:
-            yield self._reject(record, source, error, STAGE_VALIDATE)
-            return
+            return self._reject(record, source, error, STAGE_VALIDATE)
         self._valid.inc()
         event_id, device_id = event["event_id"], event["device_id"]
         if self._pseudonymize:
@@ -148,8 +155,7 @@ class _DecodeFn(beam.DoFn):
                            source, record.watermark_ms, record.key, record.value)
         self._by_device.setdefault(device_id, []).append(valid)
         self._buffered += 1
-        if self._buffered >= MAX_BUFFERED_EVENTS:
-            yield from self._device_events()
+        return None
 
     def finish_bundle(self) -> Iterator[WindowedValue]:
         yield from self._device_events()
@@ -169,7 +175,7 @@ class _DecodeFn(beam.DoFn):
 
 
 class DecodeEvents(beam.PTransform):
-    """KafkaRecords in; (device_id, DeviceEvents) and (partition, Rejected) out.
+    """RecordBatches in; (device_id, DeviceEvents) and (partition, Rejected) out.
 
     DeviceEvents are timestamped with their earliest event time.
 
@@ -184,7 +190,7 @@ class DecodeEvents(beam.PTransform):
         self._rules = rules
         self._pseudonymize_key_env = pseudonymize_key_env
 
-    def expand(self, records: beam.PCollection[KafkaRecord]) -> beam.PCollection[tuple[str, Any]]:
+    def expand(self, records: beam.PCollection[RecordBatch]) -> beam.PCollection[tuple[str, Any]]:
         decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env)
         return records | "DecodeValidate" >> beam.ParDo(decode).with_output_types(Tuple[str, Any])
 

@@ -37,7 +37,7 @@ from models.drift_reference import DriftReference
 from schemas.serde import DRIFT_PARTIAL, AvroDecoder, AvroEncoder, SerdeError
 from transforms.drift_stats import DeviceIndex, WindowSummary
 from transforms.kafka_sink import OutgoingMessage
-from transforms.kafka_source import KafkaRecord
+from transforms.kafka_source import RecordBatch
 from transforms.windowing import stamped
 
 DRIFT_PARTIALS_STREAM = "drift_partials"
@@ -142,7 +142,7 @@ class PartialsToMessagesFn(beam.DoFn):
 
 
 class PartialsFromRecordsFn(beam.DoFn):
-    """KafkaRecords of DriftPartial -> (feature, PartialSummary) at the window start; undecodable ones are counted.
+    """RecordBatches of DriftPartial -> (feature, PartialSummary) at the window start; undecodable ones are counted.
 
     The partials topic is written by this job's own processes only, so a
     record that does not decode is a bug or a stranger on an internal topic:
@@ -156,10 +156,11 @@ class PartialsFromRecordsFn(beam.DoFn):
     def setup(self) -> None:
         self._decode = AvroDecoder(DRIFT_PARTIAL, self._wire_format)
 
-    def process(self, record: KafkaRecord) -> Iterator[WindowedValue]:
-        try:
-            partial = PartialSummary.from_record(self._decode(record.value))
-        except SerdeError:
-            self._undecodable.inc()
-            return
-        yield stamped((partial.feature, partial), partial.window_start)
+    def process(self, records: RecordBatch) -> Iterator[WindowedValue]:
+        for record in records:
+            try:
+                partial = PartialSummary.from_record(self._decode(record.value))
+            except SerdeError:
+                self._undecodable.inc()
+                continue
+            yield stamped((partial.feature, partial), partial.window_start)

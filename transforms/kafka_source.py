@@ -1,7 +1,8 @@
 """Reads Kafka partitions with a splittable DoFn over offset ranges (no Java).
 
 Each element is a :class:`PartitionDescriptor`; its restriction is the offset
-range still to read. A ``process()`` call reads at most ``max_records_per_call``
+range still to read. Each poll's records leave as one :data:`RecordBatch`,
+so the decode step runs once per poll. A ``process()`` call reads at most ``max_records_per_call``
 records or ``max_seconds_per_call`` seconds and then checkpoints with
 ``defer_remainder``, so a runner such as Flink can snapshot between calls.
 Consumers use manual assignment only, as Beam's KafkaIO does.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
@@ -72,6 +73,9 @@ class KafkaRecord(NamedTuple):
     value: bytes
     timestamp_ms: int
     watermark_ms: int
+
+
+RecordBatch = Tuple[KafkaRecord, ...]  # the records of one poll of one partition, in offset order
 
 
 class _UnboundedOffsetTracker(OffsetRestrictionTracker):
@@ -177,13 +181,18 @@ class _ReadPartitionFn(beam.DoFn):
                     watermark.set_watermark(Timestamp.of((wm_ms + idle_ms) / 1000))
                 tracker.defer_remainder(Duration.of(self._idle_resume_s))
                 return
+            records = []
             for record in batch:
                 if not tracker.try_claim(record.offset):
-                    return
+                    break
                 wm_ms = record.timestamp if wm_ms is None else max(wm_ms, record.timestamp)
-                yield stamped(KafkaRecord(record.topic, record.partition, record.offset, next_span,
-                                          record.key, record.value, record.timestamp, wm_ms), record.timestamp)
+                records.append(KafkaRecord(record.topic, record.partition, record.offset, next_span,
+                                           record.key, record.value, record.timestamp, wm_ms))
                 next_span = record.offset + 1
+            if records:
+                yield stamped(tuple(records), min(r.timestamp_ms for r in records))
+            if len(records) < len(batch):
+                return  # the rest of the range was split off
             emitted += len(batch)
             LIVE.batch_read(partition_key(tp.topic, tp.partition), batch[0].offset, len(batch), consumer.highwater(tp))
             self._records_read.inc(len(batch))
@@ -200,7 +209,12 @@ def _millis(ts: Optional[Timestamp]) -> Optional[int]:
 
 
 class ReadFromKafkaPartitions(beam.PTransform):
-    """Reads the given partitions; each from its start offset to its stop offset or forever."""
+    """Reads the given partitions; each from its start offset to its stop offset or forever.
+
+    One element per poll of a partition, a :data:`RecordBatch` stamped with
+    its earliest record timestamp: the steps that read it run once per poll,
+    not once per record.
+    """
 
     def __init__(self, config: KafkaConfig, partitions: list[PartitionDescriptor], **read_options):
         super().__init__()
@@ -210,9 +224,9 @@ class ReadFromKafkaPartitions(beam.PTransform):
         self._partitions = partitions
         self._read_options = read_options
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[KafkaRecord]:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RecordBatch]:
         return (
             pbegin
             | "Partitions" >> beam.Create(self._partitions)
-            | "Read" >> beam.ParDo(_ReadPartitionFn(self._config, **self._read_options)).with_output_types(KafkaRecord)
+            | "Read" >> beam.ParDo(_ReadPartitionFn(self._config, **self._read_options)).with_output_types(RecordBatch)
         )
