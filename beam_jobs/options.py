@@ -66,7 +66,8 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         help="int8: dynamic int8 quantisation of the LSTM cell and forecast layer, for small machines; "
              "its accuracy cost is measured by python -m benchmarks.skab (default none)")),
     ("Model", "--max_batch_size", dict(
-        type=int, default=256, help="largest RunInference batch across devices (default 256)")),
+        type=int, default=256, help="RunInference batch size across devices; a bundle's last batch is smaller "
+                                    "(default 256)")),
     ("Model", "--inference_device", dict(
         choices=("CPU", "GPU"), default="CPU", help="where RunInference runs the scoring head (default CPU)")),
     ("Model rollout", "--model_poll_s", dict(

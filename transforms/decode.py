@@ -9,11 +9,10 @@ stream: see transforms/dead_letters.py for why.
 Valid events leave grouped by device: each device's events of a bundle (up to
 ``MAX_BUFFERED_EVENTS`` at a time), in arrival order, as one element. Every
 step from here to the device state then runs once per device and bundle
-rather than once per event: Beam's per-element work, and the state read and
-write, were about a fifth of the job's time per event when a backlog is read
-(1,000 records per partition and call, so about four events per device). The
-events wait for the end of their bundle, as their scores already did for the
-sink's flush.
+rather than once per event: Beam's per-element work and the state read and
+write were about a quarter of the job's CPU per event (docs/performance.md,
+"One element per device and bundle"). The events wait for the end of their
+bundle, as their scores already did for the sink's flush.
 
 Data minimisation: a ValidEvent keeps only what scoring needs (ids, event
 time, readings); other fields of newer producers' schemas are dropped by the
