@@ -12,7 +12,7 @@ from transforms.scoring import ScoreEvents
 
 
 class ScoreSensorRecords(beam.PTransform):
-    """KafkaRecords in; (decoded events, score and dead-letter OutgoingMessages) out.
+    """RecordBatches in; (decoded events, score and dead-letter OutgoingMessages) out.
 
     The decoded events (DecodeEvents' keyed stream) are returned too, so a
     branch such as drift reads each event decoded once; the messages are one
