@@ -178,7 +178,7 @@ def _live_devices_after(events: list[ValidEvent]) -> int:
     """devices_with_live_state at the end of a bounded FnApiRunner run (whose metrics are exact)."""
     pipeline = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
     _ = (pipeline
-         | beam.Create([(e.device_id, DeviceEvents((e,))) for e in events]).with_output_types(Tuple[str, Any])
+         | beam.Create([_keyed(e) for e in events]).with_output_types(Tuple[str, Any])
          | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S)))
     result = pipeline.run()
     result.wait_until_finish()
