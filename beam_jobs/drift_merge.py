@@ -28,9 +28,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_jobs.drift_output import drift_closer, drift_reference, drift_topics
-from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.options import SensorScoringOptions, kafka_config
-from beam_jobs.pipelines import new_pipeline
+from beam_jobs.pipelines import new_pipeline, run_to_end
 from models.drift_reference import DriftReference
 from transforms.drift_partials import PartialsFromRecordsFn
 from transforms.kafka_client import PartitionDescriptor, resolve_partitions
@@ -73,8 +72,7 @@ def run(argv: list[str]) -> None:
     _LOG.info("merging drift partials from %s", opts.drift_partials_topic)
     pipeline = new_pipeline(options)
     build_merge_pipeline(pipeline, opts, partitions, reference)
-    with long_lived_objects_frozen():
-        pipeline.run().wait_until_finish()
+    run_to_end(pipeline)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ state behaviour was measured and tested on (README, Design). So the job's
 pipelines, which the FnApiRunner supports (no processing-time timers, no
 TestStream), go to it directly, set up as the DirectRunner sets it up:
 with the pipeline options in its provision info, for multi-process workers.
-Any other ``--runner`` is Beam's to create.
+Any other ``--runner`` is Beam's to create. :func:`run_to_end` runs a
+pipeline with the long-lived objects kept out of the GC (beam_jobs/heap.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs.heap import long_lived_objects_frozen
 from transforms.state_cache import no_state_cache_in_process
 
 IN_PROCESS_RUNNERS = ("DirectRunner", "direct", "FnApiRunner")
@@ -42,3 +44,11 @@ def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     provision_info = fn_runner.ExtendedProvisionInfo(
         beam_provision_api_pb2.ProvisionInfo(pipeline_options=encoded_options))
     return beam.Pipeline(runner=fn_runner.FnApiRunner(provision_info=provision_info), options=options)
+
+
+def run_to_end(pipeline: beam.Pipeline) -> beam.runners.runner.PipelineResult:
+    """Runs `pipeline` until it ends (bounded) or is stopped, the loaded modules and models frozen out of the GC."""
+    with long_lived_objects_frozen():
+        result = pipeline.run()
+        result.wait_until_finish()
+    return result

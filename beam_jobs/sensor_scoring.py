@@ -31,11 +31,10 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_jobs import drift_merge
 from beam_jobs.drift_output import write_drift
-from beam_jobs.heap import long_lived_objects_frozen
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
-from beam_jobs.pipelines import new_pipeline
+from beam_jobs.pipelines import new_pipeline, run_to_end
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError
 from models.rollout import RolloutError
@@ -115,10 +114,7 @@ def run_files(options: PipelineOptions) -> beam.runners.runner.PipelineResult:
     pipeline = new_pipeline(options)
     build_file_pipeline(pipeline, opts)
     _LOG.info("scoring %s into %s", opts.input_files, opts.output_dir)
-    with long_lived_objects_frozen():
-        result = pipeline.run()
-        result.wait_until_finish()
-    return result
+    return run_to_end(pipeline)
 
 
 def prepare(opts: SensorScoringOptions):
@@ -155,12 +151,9 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     build_pipeline(pipeline, opts, partitions)
     monitor = Monitor(opts.status_interval_s, opts.metrics_port).start()
     try:
-        with long_lived_objects_frozen():
-            result = pipeline.run()
-            result.wait_until_finish()
+        return run_to_end(pipeline)
     finally:
         monitor.stop()
-    return result
 
 
 def _drain_on_signals() -> None:

@@ -17,16 +17,17 @@ from typing import Iterator
 
 import apache_beam as beam
 from apache_beam.io.avroio import WriteToAvro
+from apache_beam.utils.windowed_value import WindowedValue
 
 from beam_jobs.recordings import expand_paths, read_events
 from schemas.serde import EVENT, AvroDecoder, AvroEncoder, current_schema
 from transforms.kafka_sink import OutgoingMessage
-from transforms.kafka_source import KafkaRecord, RecordBatch
+from transforms.kafka_source import KafkaRecord, RecordBatch, stamped_batch
 
 FILE_PARTITION = 0
 
 
-def file_records(path: str, wire_format: str, batch_size: int = 1000) -> Iterator[beam.window.TimestampedValue]:
+def file_records(path: str, wire_format: str, batch_size: int = 1000) -> Iterator[WindowedValue]:
     """The events of one recording as KafkaRecords, `batch_size` to a RecordBatch stamped by its earliest event."""
     encode = AvroEncoder(EVENT, wire_format)
     watermark_ms = None
@@ -37,14 +38,10 @@ def file_records(path: str, wire_format: str, batch_size: int = 1000) -> Iterato
         batch.append(KafkaRecord(path, FILE_PARTITION, index, index, event["device_id"].encode(), encode(event),
                                  event_time, watermark_ms))
         if len(batch) == batch_size:
-            yield _stamped_batch(batch)
+            yield stamped_batch(batch)
             batch = []
     if batch:
-        yield _stamped_batch(batch)
-
-
-def _stamped_batch(records: list[KafkaRecord]) -> beam.window.TimestampedValue:
-    return beam.window.TimestampedValue(tuple(records), min(r.timestamp_ms for r in records) / 1000)
+        yield stamped_batch(batch)
 
 
 class ReadRecordingAsRecords(beam.PTransform):

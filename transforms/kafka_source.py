@@ -78,6 +78,11 @@ class KafkaRecord(NamedTuple):
 RecordBatch = Tuple[KafkaRecord, ...]  # the records of one poll of one partition, in offset order
 
 
+def stamped_batch(records: list[KafkaRecord]) -> WindowedValue:
+    """The records as one RecordBatch, stamped with the earliest record timestamp among them."""
+    return stamped(tuple(records), min(r.timestamp_ms for r in records))
+
+
 class _UnboundedOffsetTracker(OffsetRestrictionTracker):
     def is_bounded(self) -> bool:
         return False
@@ -190,7 +195,7 @@ class _ReadPartitionFn(beam.DoFn):
                                            record.key, record.value, record.timestamp, wm_ms))
                 next_span = record.offset + 1
             if records:
-                yield stamped(tuple(records), min(r.timestamp_ms for r in records))
+                yield stamped_batch(records)
             if len(records) < len(batch):
                 return  # the rest of the range was split off
             emitted += len(batch)
