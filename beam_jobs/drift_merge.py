@@ -51,7 +51,8 @@ def build_merge_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, pa
     config = kafka_config(opts)
     _ = (
         pipeline
-        | "ReadPartials" >> ReadFromKafkaPartitions(config, partitions)
+        # The scoring processes write each partial with its window start as record timestamp.
+        | "ReadPartials" >> ReadFromKafkaPartitions(config, partitions, event_time_of=None)
         | "DecodePartials" >> beam.ParDo(PartialsFromRecordsFn(opts.wire_format))
         | "Drift" >> drift_closer(opts, reference)
         | "WriteDrift" >> WriteToKafka(config, drift_topics(opts))

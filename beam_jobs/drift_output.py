@@ -13,7 +13,7 @@ import logging
 
 import apache_beam as beam
 
-from beam_jobs.options import SensorScoringOptions
+from beam_jobs.options import SensorScoringOptions, watermark_policy
 from models.artifact import load_artifact
 from models.drift_reference import DriftReference, load_reference
 from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, CloseDriftWindows, ComputeDrift, DriftPartials
@@ -39,7 +39,7 @@ def drift_reference(opts: SensorScoringOptions) -> DriftReference | None:
 def _drift_options(opts: SensorScoringOptions) -> dict:
     return dict(window_s=opts.drift_window_s, retrain_after_windows=opts.retrain_after_windows,
                 thresholds=DriftThresholds(psi=opts.drift_psi_threshold, ks_pvalue=opts.drift_ks_pvalue),
-                wire_format=opts.wire_format, live=not opts.bounded)
+                wire_format=opts.wire_format, live=not opts.bounded, policy=watermark_policy(opts))
 
 
 def drift_closer(opts: SensorScoringOptions, reference: DriftReference) -> CloseDriftWindows:
@@ -63,7 +63,7 @@ def write_drift(decoded: beam.PCollection, messages: beam.PCollection, opts: Sen
         return
     if opts.drift_partials_topic:
         branches = (decoded, messages) | "DriftPartials" >> DriftPartials(
-            reference, window_s=opts.drift_window_s, wire_format=opts.wire_format)
+            reference, window_s=opts.drift_window_s, wire_format=opts.wire_format, policy=watermark_policy(opts))
         for name, partials in zip(("Readings", "Scores"), branches):
             _ = (partials
                  | f"{name}PartialMessages" >> beam.ParDo(PartialsToMessagesFn(opts.wire_format))

@@ -10,7 +10,8 @@ itself until the job ends). Figures per status line:
   the broker acknowledging its output, over the last 20 000 outputs;
 * lag per partition: the partition's high watermark minus the end of its
   written prefix (records read or waiting, not yet answered for);
-* anomaly rate: anomalies per score since the last line.
+* anomaly rate: anomalies per score since the last line;
+* late events so far (transforms/event_time.py).
 
 ``GET /metrics`` (stdlib ``http.server`` in a daemon thread) serves the same
 as Prometheus text: counters, a latency summary with quantiles, lag gauges.
@@ -48,7 +49,8 @@ def status_line(previous: dict, current: dict) -> str:
     lag = " ".join(f"{key.rsplit(':', 1)[-1]}:{n}" for key, n in current["lag"].items()) or "-"
     rate = f"{100.0 * anomalies / scores:.2f}%" if scores else "-"
     return (f"throughput {outputs / elapsed:7.1f}/s | e2e latency ms p50 {p50:.0f} p95 {p95:.0f} p99 {p99:.0f} | "
-            f"lag {lag} | anomaly rate {rate} | scores {current['scores']} dead letters {current['dead_letters']}")
+            f"lag {lag} | anomaly rate {rate} | scores {current['scores']} dead letters {current['dead_letters']} "
+            f"late {current['late_events']}")
 
 
 def prometheus_text(snapshot: dict) -> str:
@@ -58,7 +60,9 @@ def prometheus_text(snapshot: dict) -> str:
                             ("dead_letters", "dead letters written"), ("anomalies", "anomalous scores"),
                             ("drift", "drift statistics written"), ("retrain", "retrain triggers written"),
                             ("devices_started", "device states started"),
-                            ("devices_expired", "idle device states reclaimed")):
+                            ("devices_expired", "idle device states reclaimed"),
+                            ("late_events", "events behind their partition's event-time watermark by more than "
+                                            "the allowed lateness: scored, left out of drift")):
         lines += [f"# HELP sensor_scoring_{name}_total {help_text}", f"# TYPE sensor_scoring_{name}_total counter",
                   f"sensor_scoring_{name}_total {snapshot.get(name, 0)}"]
     latencies = snapshot["latencies_ms"]

@@ -17,6 +17,7 @@ from beam_jobs.security_options import KAFKA_SECURITY_OPTIONS, kafka_security
 from models.artifact import BUNDLED, QUANTIZE_CHOICES
 from models.rollout import RolloutConfig
 from schemas.serde import WIRE_FORMATS
+from transforms.event_time import WatermarkPolicy
 from transforms.kafka_client import START_FROM_CHOICES, KafkaConfig
 
 # (group, flag, argparse keywords): one table for parsing and for --help.
@@ -58,6 +59,19 @@ _OPTIONS: list[tuple[str, str, dict]] = [
     ("Model", "--state_ttl_s", dict(
         type=float, default=600.0,
         help="event-time gap after which a device's state is reset and its memory reclaimed (default 600)")),
+    ("Event time", "--max_out_of_orderness_s", dict(
+        type=float, default=5.0,
+        help="each input partition's watermark trails the newest event_time read from it by this much; Kafka "
+             "record timestamps are never used (default 5)")),
+    ("Event time", "--allowed_lateness_s", dict(
+        type=float, default=0.0,
+        help="an event more than this behind its partition's watermark is late: scored, counted, left out of "
+             "drift; drift windows close this much after the watermark passes their end (default 0)")),
+    ("Event time", "--partition_idle_s", dict(
+        type=float, default=10.0,
+        help="a partition caught up and silent this long (wall clock) stops holding the watermark back: it then "
+             "moves on with the wall clock, so drift windows and expiry go on; replays at the recorded pace or "
+             "faster are unaffected (default 10)")),
     ("Model", "--calibration_events", dict(
         type=int, default=120,
         help="per-device warm-up events that fit the device's baseline; no alarms during them (default 120)")),
@@ -178,6 +192,11 @@ class SensorScoringOptions(PipelineOptions):
 def kafka_config(opts: SensorScoringOptions) -> KafkaConfig:
     """The connection settings every Kafka client of the job is built from (no secret inside)."""
     return KafkaConfig(opts.bootstrap_servers, security=kafka_security(opts))
+
+
+def watermark_policy(opts: SensorScoringOptions) -> WatermarkPolicy:
+    """The event-time rules of every input partition (transforms/event_time.py)."""
+    return WatermarkPolicy.from_seconds(opts.max_out_of_orderness_s, opts.allowed_lateness_s, opts.partition_idle_s)
 
 
 def rollout_config(opts: SensorScoringOptions) -> RolloutConfig:

@@ -33,12 +33,12 @@ from beam_jobs import drift_merge
 from beam_jobs.drift_output import write_drift
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
-from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config
+from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config, watermark_policy
 from beam_jobs.pipelines import new_pipeline, run_to_end
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError
 from models.rollout import RolloutError
-from schemas.serde import DEAD_LETTER, SCORE
+from schemas.serde import DEAD_LETTER, SCORE, EventTimeReader
 from transforms.audit import AUDIT
 from transforms.avro_files import ReadRecordingAsRecords, WriteAvroFiles
 from transforms.kafka_client import (
@@ -61,7 +61,8 @@ _LOG = logging.getLogger("sensor_scoring")
 def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitions) -> None:
     """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
     config = kafka_config(opts)
-    records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(config, partitions)
+    records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(
+        config, partitions, event_time_of=EventTimeReader(opts.wire_format), policy=watermark_policy(opts))
     decoded, messages = records | "ScoreRecords" >> scoring_transform(opts, audit=bool(opts.audit_topic))
     topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
     if opts.audit_topic:
@@ -81,7 +82,7 @@ def scoring_transform(opts: SensorScoringOptions, audit: bool = False) -> ScoreS
     return ScoreSensorRecords(
         rollout=rollout_config(opts), state_ttl_s=opts.state_ttl_s, max_batch_size=opts.max_batch_size,
         wire_format=opts.wire_format, inference_device=opts.inference_device,
-        pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit,
+        pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit, policy=watermark_policy(opts),
     )
 
 
@@ -92,7 +93,8 @@ def build_file_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions) -> 
     ``schemas.serde.DRIFT``) with another WriteAvroFiles once the scoring
     path emits them; until then file mode writes no drift file.
     """
-    records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(opts.input_files, opts.wire_format)
+    records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(
+        opts.input_files, opts.wire_format, watermark_policy(opts))
     _, messages = records | "ScoreRecords" >> scoring_transform(opts)
     scores, dead_letters, shadow_scores = messages | "ByStream" >> beam.Partition(
         lambda m, _: STREAMS.index(m.stream), len(STREAMS))

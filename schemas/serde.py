@@ -13,7 +13,7 @@ import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import fastavro
 
@@ -209,6 +209,13 @@ class AvroEncoder:
 
 
 SCORE_HEAD = (("event_id", "string"), ("device_id", "string"), ("event_time", "long"), ("score", "double"))
+EVENT_HEAD = SCORE_HEAD[:3]
+
+
+def _head(schema: dict, length: int) -> tuple:
+    """(name, type) of the schema's first `length` fields, logical types read as their base type."""
+    return tuple((f["name"], f["type"] if isinstance(f["type"], str) else f["type"]["type"])
+                 for f in schema["fields"][:length])
 
 
 def _zigzag_long(payload: bytes, pos: int) -> tuple[int, int]:
@@ -237,8 +244,7 @@ class ScoreHeadReader:
     def __init__(self, wire_format: str = "plain"):
         if wire_format not in WIRE_FORMATS:
             raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, not {wire_format!r}")
-        head = tuple((f["name"], f["type"] if isinstance(f["type"], str) else f["type"]["type"])
-                     for f in current_schema(SCORE)["fields"][: len(SCORE_HEAD)])
+        head = _head(current_schema(SCORE), len(SCORE_HEAD))
         if head != SCORE_HEAD:
             raise ValueError(f"{SCORE} no longer starts with {SCORE_HEAD}: {head}")
         self._wire_format = wire_format
@@ -258,3 +264,42 @@ class ScoreHeadReader:
 
     def __reduce__(self):
         return (ScoreHeadReader, (self._wire_format,))
+
+
+class EventTimeReader:
+    """The ``event_time`` of SensorEvent bytes from outside, without decoding the rest; None if unreadable.
+
+    The Kafka source reads it for every record to keep its watermark in event
+    time (transforms/event_time.py), ahead of the full decode and validation.
+    Every readable version of SensorEvent begins with event_id, device_id and
+    event_time, so their bytes lie in the same place whichever producer wrote
+    them; it refuses to start if a readable version no longer does. Garbage
+    gives None (the decode step turns it into a dead letter), never an error.
+    """
+
+    def __init__(self, wire_format: str = "plain"):
+        if wire_format not in WIRE_FORMATS:
+            raise ValueError(f"wire_format must be one of {WIRE_FORMATS}, not {wire_format!r}")
+        registry = default_registry()
+        for schema_id in registry.readable_ids(EVENT):
+            head = _head(registry.raw_schema(schema_id), len(EVENT_HEAD))
+            if head != EVENT_HEAD:
+                raise ValueError(f"{EVENT} schema {schema_id} no longer starts with {EVENT_HEAD}: {head}")
+        self._wire_format = wire_format
+        self._start = _CONFLUENT_HEADER.size if wire_format == "confluent" else 0
+
+    def __call__(self, payload: bytes) -> Optional[int]:
+        try:
+            pos = self._start
+            for _ in range(2):  # event_id, device_id: a length, then the bytes
+                length, pos = _zigzag_long(payload, pos)
+                if length < 0:
+                    return None
+                pos += length
+            event_time, end = _zigzag_long(payload, pos)
+        except IndexError:  # bytes end inside a field
+            return None
+        return event_time if end <= len(payload) else None
+
+    def __reduce__(self):
+        return (EventTimeReader, (self._wire_format,))

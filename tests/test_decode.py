@@ -40,7 +40,7 @@ def _event(**changes) -> dict:
 
 
 def _record(offset: int, value: bytes, key: bytes | None = b"press-1") -> KafkaRecord:
-    return KafkaRecord(TOPIC, 3, offset, offset - 1, key, value, NOW_MS, NOW_MS - 5_000)
+    return KafkaRecord(TOPIC, 3, offset, offset - 1, key, value, NOW_MS, None, NOW_MS - 5_000)
 
 
 # (event changes, what the dead letter's error must say)

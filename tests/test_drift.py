@@ -39,7 +39,8 @@ def event(step: int, device: int, shift_x: float) -> dict:
 
 
 def record(e: dict, offset: int) -> KafkaRecord:
-    return KafkaRecord("in", 0, offset, offset, None, ENCODE_EVENT(e), e["event_time"], e["event_time"])
+    return KafkaRecord("in", 0, offset, offset, None, ENCODE_EVENT(e), e["event_time"], e["event_time"],
+                       e["event_time"])
 
 
 def score_message(e: dict, offset: int) -> OutgoingMessage:
@@ -47,7 +48,7 @@ def score_message(e: dict, offset: int) -> OutgoingMessage:
              "score": float(RNG.gamma(2.0, 0.5)), "threshold": 9.0, "is_anomaly": False, "model_version": "v-test",
              "contributions": {}, "imputed": [], "processed_at": 0}
     return OutgoingMessage(SCORES, e["device_id"].encode(), ENCODE_SCORE(score), e["event_time"],
-                           SourcePosition("in", 0, offset, offset))
+                           SourcePosition("in", 0, offset, offset), e["event_time"])
 
 
 def stream(windows: int, shift_from_window: int) -> TestStream:

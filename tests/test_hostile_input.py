@@ -18,11 +18,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from schemas.serde import DEAD_LETTER, EVENT, SCORE, AvroDecoder, AvroEncoder
+from schemas.serde import DEAD_LETTER, EVENT, SCORE, AvroDecoder, AvroEncoder, EventTimeReader
 from tests.kafka_helpers import produce_all, read_all
 from tests.test_job import run_job
 from transforms.dead_letters import Rejected
 from transforms.decode import DeviceEvents, ValidationRules, ValidEvent, _DecodeFn
+from transforms.event_time import WatermarkPolicy
 from transforms.kafka_client import ensure_topics
 from transforms.kafka_source import KafkaRecord
 
@@ -55,14 +56,14 @@ hostile = st.one_of(
 
 
 def _decode_fn() -> _DecodeFn:
-    fn = _DecodeFn("plain", RULES, None)
+    fn = _DecodeFn("plain", RULES, None, WatermarkPolicy())
     fn.setup()
     return fn
 
 
 def decode_one(fn: _DecodeFn, value: bytes, offset: int = 7) -> object:
     """What the decode stage yields for `value` alone in a bundle: its ValidEvent or its Rejected."""
-    record = KafkaRecord("in", 0, offset, offset, b"k", value, NOW_MS, NOW_MS)
+    record = KafkaRecord("in", 0, offset, offset, b"k", value, NOW_MS, NOW_MS, NOW_MS)
     fn.start_bundle()
     (output,) = [*fn.process((record,)), *fn.finish_bundle()]
     payload = output.value[1] if hasattr(output, "value") else output[1]
@@ -87,6 +88,18 @@ def test_any_bytes_become_one_scoreable_event_or_one_dead_letter_with_a_reason(v
         assert isinstance(output, Rejected)
         assert output.record["error"] and output.record["stage"] in ("decode", "validate")
         assert output.record["value"] == value and output.record["offset"] == 7
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(hostile)
+def test_the_sources_event_time_reader_agrees_with_decode_on_any_bytes(value):
+    """The watermark's reader never raises, and gives a valid event's own event_time."""
+    output = decode_one(_decode_fn(), value)
+    event_time = EventTimeReader()(value)
+    if isinstance(output, ValidEvent):
+        assert event_time == output.event_time
+    else:
+        assert event_time is None or isinstance(event_time, int)
 
 
 def _valid_event(i: int, device: int, step: int) -> dict:

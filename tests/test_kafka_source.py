@@ -8,31 +8,41 @@ from apache_beam.testing.util import assert_that, equal_to
 from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 
+from schemas.serde import EVENT, AvroEncoder, EventTimeReader
 from tests.kafka_helpers import produce_all
+from transforms.event_time import WatermarkPolicy
 from transforms.kafka_client import ensure_topics, make_consumer, resolve_partitions
 from transforms.kafka_source import ReadFromKafkaPartitions
 
 START_MS = 1_750_000_000_000
 
 
-def _read(kafka_config, partitions, check, **read_options) -> None:
+def _read(kafka_config, partitions, check, event_time_of=None, **read_options) -> None:
     with beam.Pipeline(options=PipelineOptions(["--direct_num_workers", "1"])) as pipeline:
-        polls = pipeline | ReadFromKafkaPartitions(kafka_config, partitions, **read_options)
+        polls = pipeline | ReadFromKafkaPartitions(kafka_config, partitions, event_time_of=event_time_of,
+                                                   **read_options)
         bad_polls = polls | "Check" >> beam.Map(_poll_in_order) | "Bad" >> beam.Filter(lambda in_order: not in_order)
         assert_that(bad_polls, equal_to([]), label="every poll in order")
         check(polls | "Records" >> beam.FlatMap(lambda poll: poll))
 
 
 def _poll_in_order(poll, ts=beam.DoFn.TimestampParam) -> bool:
-    """A poll's records: one partition, offsets rising, stamped with the earliest record timestamp."""
+    """A poll's records: one partition, offsets rising, stamped with the earliest event time."""
     return (len({r.partition for r in poll}) == 1 and [r.offset for r in poll] == sorted(r.offset for r in poll)
-            and ts.micros // 1000 == min(r.timestamp_ms for r in poll))
+            and ts.micros // 1000 == min(r.event_time_ms for r in poll))
 
 
-def test_bounded_read_returns_every_record_once_with_spans_and_watermarks(kafka_config, topic_names):
+def _event(i: int) -> dict:
+    """Event times ten days old, out of order within groups of four."""
+    return {"event_id": f"e{i}", "device_id": f"k{i % 7}", "event_time": START_MS + (i ^ 3) * 250, "readings": {}}
+
+
+def test_bounded_read_returns_every_record_once_with_spans_and_event_time_watermarks(kafka_config, topic_names):
     topic = topic_names("in")
     ensure_topics(kafka_config, [topic], partitions=3)
-    messages = [(f"k{i % 7}".encode(), f"v{i}".encode(), START_MS + i) for i in range(3000)]
+    encode = AvroEncoder(EVENT)
+    # The producer's default timestamps: the send time, not the event time.
+    messages = [(f"k{i % 7}".encode(), encode(_event(i)), None) for i in range(3000)]
     produce_all(kafka_config, topic, messages)
     partitions = resolve_partitions(kafka_config, topic, "earliest", "g", bounded=True)
     assert sum(p.stop_offset for p in partitions) == 3000
@@ -52,11 +62,22 @@ def test_bounded_read_returns_every_record_once_with_spans_and_watermarks(kafka_
                 assert all(a[1] + 1 == b[0] for a, b in zip(covered, covered[1:]))
 
         assert_that(spans, contiguous, label="spans")
-        late = records | beam.Filter(lambda r: r.watermark_ms < r.timestamp_ms)
-        assert_that(late, equal_to([]), label="watermark")
+        times = records | "Times" >> beam.Map(lambda r: (r.partition, r.offset, r.event_time_ms, r.watermark_ms))
+        assert_that(times | "AllTimes" >> beam.combiners.ToList(), _event_time_watermarks, label="watermarks")
 
-    # Small calls force many checkpoints (defer_remainder) per partition.
-    _read(kafka_config, partitions, check, max_records_per_call=250)
+    # Small calls force many checkpoints (defer_remainder) per partition: the clock survives them.
+    _read(kafka_config, partitions, check, event_time_of=EventTimeReader(),
+          policy=WatermarkPolicy(max_out_of_orderness_ms=1_000), max_records_per_call=250)
+
+
+def _event_time_watermarks(lists) -> None:
+    """Each record: its payload's event time, and the newest event time of its partition so far - 1 s."""
+    (rows,) = lists
+    newest: dict = {}
+    for partition, _, event_time, watermark in sorted(rows):
+        assert START_MS <= event_time < START_MS + 3000 * 250
+        newest[partition] = max(newest.get(partition, event_time), event_time)
+        assert watermark == newest[partition] - 1_000, (partition, event_time, watermark)
 
 
 def test_read_starts_at_committed_offsets_and_stops_at_the_bounds(kafka_config, topic_names):

@@ -42,7 +42,9 @@ def test_snapshot_counts_lag_and_latency_from_read_to_written():
 def test_status_line_rates_since_the_previous_snapshot():
     stats = busy_stats()
     previous = {**stats.snapshot(), "at": stats.snapshot()["at"] - 2.0, "scores": 5, "dead_letters": 5, "anomalies": 0}
+    stats.add("late_events", 3)
     line = status_line(previous, stats.snapshot())
+    assert line.endswith("late 3")
     assert "throughput    40.0/s" in line and "lag 0:10 1:20" in line and "anomaly rate 3.75%" in line
     assert re.search(r"p50 \d+ p95 \d+ p99 \d+", line)
 

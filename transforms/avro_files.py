@@ -6,9 +6,9 @@ source and sink, so a recording scores exactly as its replay through Kafka.
 
 Each event becomes a :class:`KafkaRecord` with a synthetic, deterministic
 position: topic = the file's path, partition 0, offset = the event's index in
-the file. Dead letters therefore say which file and which event. The record's
-timestamp is the event time and its watermark the highest event time so far
-in the file, as a Kafka partition written by the replay tool would give.
+the file. Dead letters therefore say which file and which event. Times follow the Kafka source's rule (transforms/event_time.py), a
+file being one partition that is never idle, so each record carries the
+event time and watermark its replay through Kafka gives.
 """
 
 from __future__ import annotations
@@ -22,41 +22,42 @@ from apache_beam.utils.windowed_value import WindowedValue
 from beam_jobs.recordings import expand_paths, read_events
 from schemas.serde import EVENT, AvroDecoder, AvroEncoder, current_schema
 from transforms.kafka_sink import OutgoingMessage
-from transforms.kafka_source import KafkaRecord, RecordBatch, stamped_batch
+from transforms.event_time import PartitionClock, WatermarkPolicy
+from transforms.kafka_source import RecordBatch, stamped_batch, timed_records
 
 FILE_PARTITION = 0
 
 
-def file_records(path: str, wire_format: str, batch_size: int = 1000) -> Iterator[WindowedValue]:
+def file_records(path: str, wire_format: str, policy: WatermarkPolicy = WatermarkPolicy(),
+                 batch_size: int = 1000) -> Iterator[WindowedValue]:
     """The events of one recording as KafkaRecords, `batch_size` to a RecordBatch stamped by its earliest event."""
     encode = AvroEncoder(EVENT, wire_format)
-    watermark_ms = None
-    batch: list[KafkaRecord] = []
+    clock = PartitionClock(policy)
+    batch = []
     for index, event in enumerate(read_events(path)):
         event_time = event["event_time"]
-        watermark_ms = event_time if watermark_ms is None else max(watermark_ms, event_time)
-        batch.append(KafkaRecord(path, FILE_PARTITION, index, index, event["device_id"].encode(), encode(event),
-                                 event_time, watermark_ms))
+        batch.append((path, FILE_PARTITION, index, index, event["device_id"].encode(), encode(event), event_time))
         if len(batch) == batch_size:
-            yield stamped_batch(batch)
+            yield stamped_batch(list(timed_records(clock.observe, None, batch)))
             batch = []
     if batch:
-        yield stamped_batch(batch)
+        yield stamped_batch(list(timed_records(clock.observe, None, batch)))
 
 
 class ReadRecordingAsRecords(beam.PTransform):
     """Recordings matching a glob (checked at launch) to RecordBatches, as the Kafka source gives them."""
 
-    def __init__(self, pattern: str, wire_format: str = "plain"):
+    def __init__(self, pattern: str, wire_format: str = "plain", policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
         self._paths = [str(p) for p in expand_paths(pattern)]
         self._wire_format = wire_format
+        self._policy = policy
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RecordBatch]:
         return (
             pbegin
             | "Files" >> beam.Create(self._paths)
-            | "Records" >> beam.FlatMap(file_records, self._wire_format).with_output_types(RecordBatch)
+            | "Records" >> beam.FlatMap(file_records, self._wire_format, self._policy).with_output_types(RecordBatch)
         )
 
 

@@ -37,7 +37,9 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.serde import EVENT, AvroDecoder, SerdeError
 from transforms.dead_letters import Rejected, dead_letter
+from transforms.event_time import EARLIEST_EVENT_MS, WatermarkPolicy
 from transforms.kafka_source import KafkaRecord, RecordBatch
+from transforms.live_stats import LIVE
 from transforms.offset_commits import SourcePosition
 from transforms.pseudonymize import pseudonymizer_from_env
 from transforms.windowing import stamped
@@ -45,7 +47,6 @@ from transforms.windowing import stamped
 _METRICS = "decode"
 STAGE_DECODE = "decode"
 STAGE_VALIDATE = "validate"
-_EARLIEST_MS = 946_684_800_000  # 2000-01-01: older timestamps are clock or unit errors
 MAX_BUFFERED_EVENTS = 2048
 
 
@@ -57,7 +58,7 @@ class ValidEvent(NamedTuple):
     event_time: int
     readings: dict
     source: SourcePosition
-    watermark_ms: int
+    watermark_ms: Optional[int]  # its partition's event-time watermark when it was read (transforms/event_time.py)
     key: Optional[bytes]
     value: bytes
 
@@ -94,7 +95,7 @@ def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Option
     error = _id_error("device_id", event["device_id"], rules) or _id_error("event_id", event["event_id"], rules)
     if error:
         return error
-    if event["event_time"] < _EARLIEST_MS:
+    if event["event_time"] < EARLIEST_EVENT_MS:
         return f"event_time {event['event_time']} is before 2000-01-01"
     if event["event_time"] > now_ms + rules.max_future_s * 1000:
         return f"event_time {event['event_time']} is more than {rules.max_future_s:.0f} s in the future"
@@ -113,12 +114,15 @@ def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Option
 
 
 class _DecodeFn(beam.DoFn):
-    def __init__(self, wire_format: str, rules: ValidationRules, pseudonymize_key_env: Optional[str]):
+    def __init__(self, wire_format: str, rules: ValidationRules, pseudonymize_key_env: Optional[str],
+                 policy: WatermarkPolicy):
         self._wire_format = wire_format
         self._rules = rules
         self._pseudonymize_key_env = pseudonymize_key_env  # the variable's name; the key is read in setup()
+        self._policy = policy
         self._valid = beam.metrics.Metrics.counter(_METRICS, "events_valid")
         self._dead = beam.metrics.Metrics.counter(_METRICS, "dead_letters")
+        self._late = beam.metrics.Metrics.counter(_METRICS, "late_events")
 
     def setup(self) -> None:
         self._decode = AvroDecoder(EVENT, self._wire_format)
@@ -147,6 +151,9 @@ class _DecodeFn(beam.DoFn):
         if error:
             return self._reject(record, source, error, STAGE_VALIDATE)
         self._valid.inc()
+        if self._policy.is_late(event["event_time"], record.watermark_ms):
+            self._late.inc()
+            LIVE.add("late_events")
         event_id, device_id = event["event_id"], event["device_id"]
         if self._pseudonymize:
             event_id, device_id = self._pseudonymize(event_id), self._pseudonymize(device_id)
@@ -180,16 +187,19 @@ class DecodeEvents(beam.PTransform):
 
     `pseudonymize_key_env` names the environment variable with the HMAC key
     that replaces device ids (transforms/pseudonymize.py); None keeps them.
+    Late events (`policy`, transforms/event_time.py) are counted here and
+    scored like any other.
     """
 
     def __init__(self, wire_format: str = "plain", rules: ValidationRules = ValidationRules(),
-                 pseudonymize_key_env: Optional[str] = None):
+                 pseudonymize_key_env: Optional[str] = None, policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
         self._wire_format = wire_format
         self._rules = rules
         self._pseudonymize_key_env = pseudonymize_key_env
+        self._policy = policy
 
     def expand(self, records: beam.PCollection[RecordBatch]) -> beam.PCollection[tuple[str, Any]]:
-        decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env)
+        decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env, self._policy)
         return records | "DecodeValidate" >> beam.ParDo(decode).with_output_types(Tuple[str, Any])
 

@@ -22,16 +22,21 @@ Two ways to close a window, chosen by ``live``:
   runs, and it fires event-time timers early (a timer 60 s ahead fired after
   about 2 s). So a stateful DoFn keyed by feature, fed straight by the stage
   before it and with no timer, keeps the open windows and closes them on
-  *evidence* carried by the values: per partition, the source watermark of
-  the latest record (score messages carry no watermark: their event time,
-  which is at most the source watermark when producers stamp event times, as
-  the simulator does). The fleet-wide evidence is the minimum over the
-  partitions seen. A partition's evidence counts only from the next bundle
-  on: within a bundle, the per-device shuffle of the scoring path reorders
-  values, and a later bundle holds none of an earlier one's. Consequences:
-  a window closes once every partition seen has sent a record past its end;
-  a partition that goes silent holds the windows open; values of an already
-  closed window are dropped and counted (``drift/late_values``).
+  *evidence* carried by the values: per partition, the event-time watermark
+  its latest record was read with (scores carry their event's). The
+  fleet-wide evidence is the minimum over the partitions seen. A partition's
+  evidence counts only from the next bundle on: within a bundle, the
+  per-device shuffle of the scoring path reorders values, and a later bundle
+  holds none of an earlier one's. A window closes once every partition seen
+  has carried its watermark past the window's end plus the allowed lateness;
+  a partition that goes silent holds the windows open until it sends again.
+
+Late events (transforms/event_time.py: behind their partition's watermark
+by more than the allowed lateness) are scored but left out of drift on both
+paths, and counted (``drift/late_values``): which events are late depends on
+the order of each partition's records only, so bounded and streaming runs,
+and replays at any speed from the recorded pace up, give the same windows.
+An on-time value can never find its window closed.
 
 Retrain trigger: per reading. When one reading drifts in ``retrain_after``
 consecutive windows (each starting where the last ended), one RetrainTrigger
@@ -59,6 +64,7 @@ from schemas.serde import DRIFT, RETRAIN, AvroEncoder, ScoreHeadReader
 from transforms.decode import DeviceEvents
 from transforms.drift_partials import PartialSummaries, PartialSummary
 from transforms.drift_stats import DriftThresholds, WindowSummary, drift_statistics, load_scipy_stats
+from transforms.event_time import WatermarkPolicy
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.offset_commits import partition_key
 from transforms.state_cache import skip_module_globals_scan
@@ -74,13 +80,16 @@ class _ReadingValuesFn(beam.DoFn):
 
     It reads DecodeEvents' output, so events are decoded and validated once;
     rejected records are the scoring path's to report. The evidence of a
-    reading is its record's source watermark.
+    reading is its record's source watermark; late events are left out.
     """
 
-    def __init__(self, features: tuple[str, ...], reference: DriftReference, window_ms: int):
+    def __init__(self, features: tuple[str, ...], reference: DriftReference, window_ms: int,
+                 policy: WatermarkPolicy):
         self._features = features
         self._reference = reference
         self._window_ms = window_ms
+        self._policy = policy
+        self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
 
     def start_bundle(self) -> None:
         self._partials = PartialSummaries(self._reference, self._window_ms, self._features)
@@ -90,8 +99,12 @@ class _ReadingValuesFn(beam.DoFn):
         if not isinstance(device_events, DeviceEvents):
             return
         for event in device_events.events:
+            if self._policy.is_late(event.event_time, event.watermark_ms):
+                self._late.inc(len(self._features))
+                continue
             partition = partition_key(event.source.topic, event.source.partition)
-            self._partials.add(event.event_time, partition, event.watermark_ms, event.device_id, event.readings)
+            self._partials.add(event.event_time, partition, _evidence(event.watermark_ms), event.device_id,
+                               event.readings)
 
     def finish_bundle(self):
         yield from self._partials.emit()
@@ -101,14 +114,17 @@ class _ScoreValueFn(beam.DoFn):
     """Score messages -> (__score__, PartialSummary) per window and partition; other messages pass by.
 
     RunInference emits its batches at the end of the global window, so the
-    score's event time (the message timestamp) picks the window. It is also the
-    live evidence: see the module docstring.
+    score's event time (the message timestamp) picks the window; the
+    watermark its event was read with is the live evidence, and says whether
+    it is late.
     """
 
-    def __init__(self, wire_format: str, reference: DriftReference, window_ms: int):
+    def __init__(self, wire_format: str, reference: DriftReference, window_ms: int, policy: WatermarkPolicy):
         self._wire_format = wire_format
         self._reference = reference
         self._window_ms = window_ms
+        self._policy = policy
+        self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
 
     def setup(self) -> None:
         self._read = ScoreHeadReader(self._wire_format)  # the job's own score bytes: device_id and score only
@@ -119,12 +135,20 @@ class _ScoreValueFn(beam.DoFn):
     def process(self, message: OutgoingMessage) -> None:
         if message.stream != SCORES:
             return
+        if self._policy.is_late(message.timestamp_ms, message.watermark_ms):
+            self._late.inc()
+            return
         device_id, score = self._read(message.value)
         partition = partition_key(message.source.topic, message.source.partition)
-        self._partials.add(message.timestamp_ms, partition, message.timestamp_ms, device_id, {SCORE_FEATURE: score})
+        self._partials.add(message.timestamp_ms, partition, _evidence(message.watermark_ms), device_id,
+                           {SCORE_FEATURE: score})
 
     def finish_bundle(self):
         yield from self._partials.emit()
+
+
+def _evidence(watermark_ms: Optional[int]) -> int:
+    return _NO_EVIDENCE if watermark_ms is None else watermark_ms
 
 
 def _merged(reference: DriftReference, feature: str, summary: Optional[WindowSummary],
@@ -314,10 +338,11 @@ class _LiveWindowsFn(beam.DoFn):
 
     WINDOWS = ReadModifyWriteStateSpec("windows", PickleCoder())
 
-    def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords):
+    def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords, allowed_lateness_ms: int):
         self._reference = reference
         self._window_ms = int(window_s * 1000)
         self._records = records
+        self._allowed_lateness_ms = allowed_lateness_ms
         self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
 
     def setup(self) -> None:
@@ -330,7 +355,7 @@ class _LiveWindowsFn(beam.DoFn):
         windows: _FeatureWindows = state.read() or _FeatureWindows()
         self._add(windows, partial)
         windows.observe(partial.partition, partial.evidence_ms, partial.bundle)
-        yield from self._close(partial.feature, windows, windows.fleet_evidence())
+        yield from self._close(partial.feature, windows, windows.fleet_evidence() - self._allowed_lateness_ms)
         state.write(windows)
 
     def _add(self, windows: _FeatureWindows, partial: PartialSummary) -> None:
@@ -353,19 +378,21 @@ class _LiveWindowsFn(beam.DoFn):
 class DriftPartials(beam.PTransform):
     """(DecodeEvents' output, scoring OutgoingMessages) in; (readings', scores') (feature, PartialSummary) out."""
 
-    def __init__(self, reference: DriftReference, *, window_s: float, wire_format: str = "plain"):
+    def __init__(self, reference: DriftReference, *, window_s: float, wire_format: str = "plain",
+                 policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
         self._reference = reference
         self._readings = tuple(f for f in reference.features if f != SCORE_FEATURE)
         self._window_ms = int(window_s * 1000)
         self._wire_format = wire_format
+        self._policy = policy
 
     def expand(self, inputs):
         decoded, messages = inputs
         readings = decoded | "ReadingValues" >> beam.ParDo(
-            _ReadingValuesFn(self._readings, self._reference, self._window_ms))
+            _ReadingValuesFn(self._readings, self._reference, self._window_ms, self._policy))
         scores = messages | "ScoreValues" >> beam.ParDo(
-            _ScoreValueFn(self._wire_format, self._reference, self._window_ms))
+            _ScoreValueFn(self._wire_format, self._reference, self._window_ms, self._policy))
         return readings, scores
 
 
@@ -378,16 +405,18 @@ class CloseDriftWindows(beam.PTransform):
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
-                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False):
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False,
+                 policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
         self._reference = reference
         self._window_s = window_s
         self._records = _DriftRecords(reference, thresholds, retrain_after_windows, wire_format)
         self._live = live
+        self._allowed_lateness_ms = policy.allowed_lateness_ms
 
     def expand(self, partials):
         if self._live:
-            windows = _LiveWindowsFn(self._reference, self._window_s, self._records)
+            windows = _LiveWindowsFn(self._reference, self._window_s, self._records, self._allowed_lateness_ms)
             return partials | "LiveWindows" >> beam.ParDo(windows)
         return partials | "Windows" >> _WindowedDrift(self._reference, self._window_s, self._records)
 
@@ -400,11 +429,12 @@ class ComputeDrift(beam.PTransform):
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
-                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False):
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False,
+                 policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
-        self._partials = DriftPartials(reference, window_s=window_s, wire_format=wire_format)
+        self._partials = DriftPartials(reference, window_s=window_s, wire_format=wire_format, policy=policy)
         self._close = dict(reference=reference, window_s=window_s, retrain_after_windows=retrain_after_windows,
-                           thresholds=thresholds, wire_format=wire_format, live=live)
+                           thresholds=thresholds, wire_format=wire_format, live=live, policy=policy)
 
     def expand(self, inputs):
         readings, scores = inputs | "Partials" >> self._partials

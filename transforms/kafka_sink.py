@@ -37,7 +37,9 @@ class OutgoingMessage(NamedTuple):
 
     `source` is the input record the message answers for; messages that
     answer for no single record (drift statistics) have None and
-    acknowledge nothing.
+    acknowledge nothing. `timestamp_ms` is the event time the message is
+    about, `watermark_ms` the event-time watermark its input record was read
+    with (scores only: drift judges their lateness by it).
     """
 
     stream: str
@@ -45,6 +47,7 @@ class OutgoingMessage(NamedTuple):
     value: bytes
     timestamp_ms: int
     source: Optional[SourcePosition]
+    watermark_ms: Optional[int] = None
 
 
 class _ProduceFn(beam.DoFn):

@@ -7,6 +7,15 @@ records or ``max_seconds_per_call`` seconds and then checkpoints with
 ``defer_remainder``, so a runner such as Flink can snapshot between calls.
 Consumers use manual assignment only, as Beam's KafkaIO does.
 
+Time: the watermark and every element's timestamp are event time, read
+from the payload by ``event_time_of`` (for SensorEvent, schemas.serde.
+EventTimeReader), under a :class:`~transforms.event_time.WatermarkPolicy`
+kept per partition in the watermark estimator's state. Kafka's record
+timestamp is left alone: producers set it to whatever they like (see
+transforms/event_time.py). Only an internal topic whose records this job
+writes itself with the event time as record timestamp (the drift partials
+of ``--local_processes``) passes ``event_time_of=None`` to use it.
+
 ``fetch_max_wait_ms`` (50, kafka-python's default is 500) bounds how long a
 fetch that finds nothing new is held by the broker. Kafka answers a held
 fetch as soon as data arrives, but the embedded Tansu broker holds it the
@@ -30,16 +39,17 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Iterator, NamedTuple, Optional, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.restriction_trackers import OffsetRange, OffsetRestrictionTracker
-from apache_beam.io.watermark_estimators import ManualWatermarkEstimator
+from apache_beam.io.iobase import WatermarkEstimator
 from apache_beam.transforms.core import RestrictionProvider, WatermarkEstimatorProvider
 from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import WindowedValue
 from kafka import KafkaConsumer, TopicPartition
 
+from transforms.event_time import EARLIEST_EVENT_MS, PartitionClock, WatermarkPolicy
 from transforms.kafka_client import KafkaConfig, PartitionDescriptor, make_consumer
 from transforms.live_stats import LIVE
 from transforms.offset_commits import partition_key
@@ -62,7 +72,10 @@ class KafkaRecord(NamedTuple):
     ``span_start`` is the first offset this record accounts for: offsets
     between the previous record and this one (compaction, transaction markers)
     are acknowledged together with it, so committed offsets can advance past them.
-    ``watermark_ms`` is the partition's watermark when the record was read.
+    ``timestamp_ms`` is Kafka's record timestamp, kept for the record tool only;
+    ``event_time_ms`` the event time read from the payload (None: unreadable),
+    and ``watermark_ms`` the partition's event-time watermark when the record
+    was read (None before any readable event time).
     """
 
     topic: str
@@ -72,15 +85,40 @@ class KafkaRecord(NamedTuple):
     key: Optional[bytes]
     value: bytes
     timestamp_ms: int
-    watermark_ms: int
+    event_time_ms: Optional[int]
+    watermark_ms: Optional[int]
 
 
 RecordBatch = Tuple[KafkaRecord, ...]  # the records of one poll of one partition, in offset order
+EventTimeOf = Callable[[bytes], Optional[int]]  # a record value's event time in epoch millis, None if unreadable
 
 
 def stamped_batch(records: list[KafkaRecord]) -> WindowedValue:
-    """The records as one RecordBatch, stamped with the earliest record timestamp among them."""
-    return stamped(tuple(records), min(r.timestamp_ms for r in records))
+    """The records as one RecordBatch, stamped with the earliest event time among them.
+
+    A batch with no readable event time (dead letters to be) gets its
+    watermark: it holds nothing back and is never late.
+    """
+    times = [r.event_time_ms for r in records if r.event_time_ms is not None]
+    if times:
+        return stamped(tuple(records), min(times))
+    return stamped(tuple(records), max((r.watermark_ms or EARLIEST_EVENT_MS) for r in records))
+
+
+def timed_records(observe: Callable[[Optional[int], int], Optional[int]], event_time_of: Optional[EventTimeOf],
+                  records: list[tuple]) -> Iterator[KafkaRecord]:
+    """(topic, partition, offset, span_start, key, value, record timestamp) -> KafkaRecords.
+
+    `observe` is the partition clock's (:meth:`PartitionClock.observe`).
+    One place for the event-time rule of the Kafka source and of file mode, so
+    a recording read from files and its replay through Kafka carry the same
+    times and watermarks.
+    """
+    now_ms = int(time.time() * 1000)
+    for topic, partition, offset, span_start, key, value, timestamp_ms in records:
+        event_time = timestamp_ms if event_time_of is None else event_time_of(value)
+        watermark = observe(event_time, now_ms)
+        yield KafkaRecord(topic, partition, offset, span_start, key, value, timestamp_ms, event_time, watermark)
 
 
 class _UnboundedOffsetTracker(OffsetRestrictionTracker):
@@ -106,21 +144,45 @@ class _OffsetRangeProvider(RestrictionProvider):
         return None if restriction.stop == _UNBOUNDED_STOP else restriction
 
 
-class _ManualWatermarkProvider(WatermarkEstimatorProvider):
-    def initial_estimator_state(self, element: PartitionDescriptor, restriction: OffsetRange) -> None:
-        return None
+class _EventTimeWatermark(WatermarkEstimator):
+    """A partition's :class:`PartitionClock` as Beam's watermark estimator; its state is the clock's.
 
-    def create_watermark_estimator(self, estimator_state: Optional[Timestamp]) -> ManualWatermarkEstimator:
-        return ManualWatermarkEstimator(estimator_state)
+    Beam hands the DoFn a thread-safe proxy of it, which passes on method calls only.
+    """
+
+    def __init__(self, clock: PartitionClock):
+        self.clock = clock
+
+    def observe(self, event_time_ms: Optional[int], now_ms: int) -> Optional[int]:
+        return self.clock.observe(event_time_ms, now_ms)
+
+    def idle(self, elapsed_ms: int) -> None:
+        self.clock.idle(elapsed_ms)
+
+    def observe_timestamp(self, timestamp: Timestamp) -> None:
+        pass  # the clock is moved by the records' event times, not by output timestamps
+
+    def current_watermark(self) -> Optional[Timestamp]:
+        wm = self.clock.watermark_ms
+        return None if wm is None else Timestamp(micros=wm * 1000)
+
+    def get_estimator_state(self) -> tuple[Optional[int], Optional[int], int]:
+        return self.clock.state()
 
 
-class _ReadPartitionFn(beam.DoFn):
-    """Polls one partition per element; see the module docstring."""
+class _ReadPartitionFn(beam.DoFn, WatermarkEstimatorProvider):
+    """Polls one partition per element; see the module docstring.
+
+    It is its own watermark estimator provider: each partition's estimator is
+    a :class:`PartitionClock` under the read's policy.
+    """
 
     def __init__(
         self,
         config: KafkaConfig,
         *,
+        event_time_of: Optional[EventTimeOf],
+        policy: WatermarkPolicy = WatermarkPolicy(),
         max_records_per_call: int = 1000,
         max_seconds_per_call: float = 1.0,
         poll_timeout_ms: int = 200,
@@ -128,6 +190,8 @@ class _ReadPartitionFn(beam.DoFn):
         fetch_max_wait_ms: int = 50,
     ):
         self._config = config
+        self._event_time_of = event_time_of
+        self._policy = policy
         self._max_records = max_records_per_call
         self._max_seconds = max_seconds_per_call
         self._poll_timeout_ms = poll_timeout_ms
@@ -135,6 +199,12 @@ class _ReadPartitionFn(beam.DoFn):
         self._fetch_max_wait_ms = fetch_max_wait_ms
         self._records_read = beam.metrics.Metrics.counter(_METRICS, "records_read")
         self._idle_polls = beam.metrics.Metrics.counter(_METRICS, "idle_polls")
+
+    def initial_estimator_state(self, element: PartitionDescriptor, restriction: OffsetRange) -> tuple:
+        return PartitionClock(self._policy).state()
+
+    def create_watermark_estimator(self, estimator_state: tuple) -> _EventTimeWatermark:
+        return _EventTimeWatermark(PartitionClock(self._policy, *estimator_state))
 
     def setup(self) -> None:
         self._consumers: dict[TopicPartition, KafkaConsumer] = {}
@@ -159,7 +229,7 @@ class _ReadPartitionFn(beam.DoFn):
         self,
         element: PartitionDescriptor,
         tracker: OffsetRestrictionTracker = beam.DoFn.RestrictionParam(_OffsetRangeProvider()),
-        watermark: ManualWatermarkEstimator = beam.DoFn.WatermarkEstimatorParam(_ManualWatermarkProvider()),
+        watermark: _EventTimeWatermark = beam.DoFn.WatermarkEstimatorParam(),
     ) -> Iterator[WindowedValue]:
         tp = TopicPartition(element.topic, element.partition)
         restriction = tracker.current_restriction()
@@ -168,7 +238,6 @@ class _ReadPartitionFn(beam.DoFn):
             return
         consumer = self._consumer_at(tp, restriction.start)
         next_span = restriction.start
-        wm_ms = _millis(watermark.current_watermark())
         deadline = time.monotonic() + self._max_seconds
         emitted = 0
         while emitted < self._max_records and time.monotonic() < deadline and not _DRAINING.is_set():
@@ -180,54 +249,53 @@ class _ReadPartitionFn(beam.DoFn):
                     tracker.try_claim(restriction.stop)  # the bounded range is read
                     return
                 self._idle_polls.inc()
-                # Caught up: event time moves on with the wall clock while nothing arrives.
-                idle_ms = int((time.monotonic() - poll_started + self._idle_resume_s) * 1000)
-                if wm_ms is not None:
-                    watermark.set_watermark(Timestamp.of((wm_ms + idle_ms) / 1000))
+                if _caught_up(consumer, tp):  # event time moves on with the wall clock while nothing arrives
+                    watermark.idle(int((time.monotonic() - poll_started + self._idle_resume_s) * 1000))
                 tracker.defer_remainder(Duration.of(self._idle_resume_s))
                 return
-            records = []
+            claimed = []
             for record in batch:
                 if not tracker.try_claim(record.offset):
                     break
-                wm_ms = record.timestamp if wm_ms is None else max(wm_ms, record.timestamp)
-                records.append(KafkaRecord(record.topic, record.partition, record.offset, next_span,
-                                           record.key, record.value, record.timestamp, wm_ms))
+                claimed.append((record.topic, record.partition, record.offset, next_span, record.key, record.value,
+                                record.timestamp))
                 next_span = record.offset + 1
-            if records:
-                yield stamped_batch(records)
-            if len(records) < len(batch):
+            if claimed:
+                yield stamped_batch(list(timed_records(watermark.observe, self._event_time_of, claimed)))
+            if len(claimed) < len(batch):
                 return  # the rest of the range was split off
             emitted += len(batch)
             LIVE.batch_read(partition_key(tp.topic, tp.partition), batch[0].offset, len(batch), consumer.highwater(tp))
             self._records_read.inc(len(batch))
-            watermark.set_watermark(Timestamp.of(wm_ms / 1000))
             if len(batch) < asked:
                 break  # caught up: hand what was read on now instead of polling until the call's deadline
         tracker.defer_remainder()
 
 
-def _millis(ts: Optional[Timestamp]) -> Optional[int]:
-    if ts is None or ts <= beam.utils.timestamp.MIN_TIMESTAMP:
-        return None
-    return ts.micros // 1000
+def _caught_up(consumer: KafkaConsumer, tp: TopicPartition) -> bool:
+    """At the end of the log as the last fetch saw it: an empty poll before that is the broker being slow."""
+    highwater = consumer.highwater(tp)
+    return highwater is not None and consumer.position(tp) >= highwater
 
 
 class ReadFromKafkaPartitions(beam.PTransform):
     """Reads the given partitions; each from its start offset to its stop offset or forever.
 
     One element per poll of a partition, a :data:`RecordBatch` stamped with
-    its earliest record timestamp: the steps that read it run once per poll,
-    not once per record.
+    its earliest event time: the steps that read it run once per poll, not
+    once per record. `event_time_of` reads a value's event time (None: the
+    record timestamp, for internal topics only: see the module docstring);
+    `policy` sets the watermark's out-of-orderness and the allowed lateness.
     """
 
-    def __init__(self, config: KafkaConfig, partitions: list[PartitionDescriptor], **read_options):
+    def __init__(self, config: KafkaConfig, partitions: list[PartitionDescriptor], *,
+                 event_time_of: Optional[EventTimeOf], policy: WatermarkPolicy = WatermarkPolicy(), **read_options):
         super().__init__()
         if not partitions:
             raise ValueError("no partitions to read")
         self._config = config
         self._partitions = partitions
-        self._read_options = read_options
+        self._read_options = dict(read_options, event_time_of=event_time_of, policy=policy)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection[RecordBatch]:
         return (

@@ -39,7 +39,7 @@ class LiveStats:
         self._written_to: dict[str, int] = {}
         self._latencies: deque[int] = deque(maxlen=MAX_LATENCIES)
         self._counts = {"events_read": 0, "scores": 0, "dead_letters": 0, "anomalies": 0,
-                        "devices_started": 0, "devices_expired": 0}
+                        "devices_started": 0, "devices_expired": 0, "late_events": 0}
 
     def batch_read(self, key: str, first_offset: int, count: int, highwater: Optional[int]) -> None:
         """The source polled `count` records of partition `key` from `first_offset` on, now."""

@@ -7,6 +7,7 @@ import apache_beam as beam
 from models.rollout import RolloutConfig
 from transforms.decode import DecodeEvents
 from transforms.device_state import KeepDeviceState
+from transforms.event_time import WatermarkPolicy
 from transforms.kafka_sink import OutgoingMessage
 from transforms.scoring import ScoreEvents
 
@@ -27,8 +28,10 @@ class ScoreSensorRecords(beam.PTransform):
     """
 
     def __init__(self, *, rollout: RolloutConfig, state_ttl_s: float, max_batch_size: int, wire_format: str = "plain",
-                 inference_device: str = "CPU", pseudonymize_key_env: str | None = None, audit: bool = False):
+                 inference_device: str = "CPU", pseudonymize_key_env: str | None = None, audit: bool = False,
+                 policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
+        self._policy = policy
         self._rollout = rollout
         self._state_ttl_s = state_ttl_s
         self._max_batch_size = max_batch_size
@@ -38,7 +41,8 @@ class ScoreSensorRecords(beam.PTransform):
         self._audit = audit
 
     def expand(self, records) -> tuple[beam.PCollection, beam.PCollection[OutgoingMessage]]:
-        decoded = records | "Decode" >> DecodeEvents(self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env)
+        decoded = records | "Decode" >> DecodeEvents(
+            self._wire_format, pseudonymize_key_env=self._pseudonymize_key_env, policy=self._policy)
         messages = (
             decoded
             | "DeviceState" >> KeepDeviceState(self._rollout, self._state_ttl_s)

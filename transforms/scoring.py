@@ -148,7 +148,7 @@ class _ToMessagesFn(beam.DoFn):
             anomalies.inc()
         stream = SHADOW_SCORES if role == SHADOW else SCORES
         yield OutgoingMessage(stream, event.device_id.encode(), self._encode_score(record), event.event_time,
-                              event.source)
+                              event.source, event.watermark_ms)
         if role == SHADOW:
             return
         self._scores.inc()
