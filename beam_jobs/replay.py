@@ -7,7 +7,8 @@
 Events of all files are merged by event time; each file keeps its own order,
 so a device's events are sent in recorded order. Messages are keyed by
 device_id (one device, one partition, so per-device order holds) and their
-Kafka timestamp is the event time, which the job's watermark follows.
+Kafka timestamp is the event time, for other consumers: the job itself reads
+event time from the payload, whatever the record timestamp says.
 
 --speed 0 sends as fast as the broker takes them; 1 keeps the recorded gaps
 between event times; 10 plays ten times faster. An event whose time is

@@ -244,8 +244,9 @@ def produce(
 ) -> int:
     """Sends simulated events to a Kafka topic, keyed by device id.
 
-    The Kafka timestamp is the event time, so consumers that window on record
-    timestamps see the simulated clock.
+    The Kafka timestamp is the event time, so other consumers that window on
+    record timestamps see the simulated clock too (the job reads event time
+    from the payload).
 
     Args:
         simulator: Source of events.
