@@ -4,4 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure_venv.sh
+# Apache Kafka's jars (Java 17 and Maven needed), fetched once into ~/.cache: the delivery and security tests run on it.
+scripts/fetch_kafka.sh > /dev/null
 exec python -m pytest "$@"

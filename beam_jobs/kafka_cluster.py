@@ -205,6 +205,9 @@ class KafkaCluster:
             "share.coordinator.state.topic.replication.factor": str(min(n, 3)),
             "share.coordinator.state.topic.min.isr": str(min(n, 2)),
             "group.initial.rebalance.delay.ms": "0",
+            # Records carry their event time (2023-2025 in the tests and the simulator): with the default 7-day
+            # retention, the first retention check deleted whole topics while tests were still reading them.
+            "log.retention.ms": "-1",
             "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
             # PLAINTEXT and SSL clients (and the brokers themselves) are ANONYMOUS: the tests' own clients.
             "super.users": f"User:ANONYMOUS;User:{ADMIN}",

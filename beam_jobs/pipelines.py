@@ -9,7 +9,9 @@ state behaviour was measured and tested on (README, Design). So the job's
 pipelines, which the FnApiRunner supports (no processing-time timers, no
 TestStream), go to it directly, set up as the DirectRunner sets it up:
 with the pipeline options in its provision info, for multi-process workers.
-Any other ``--runner`` is Beam's to create. :func:`run_to_end` runs a
+Any other ``--runner`` is Beam's to create, Flink and Prism with their
+job server found in the project's caches (beam_jobs/flink_runner.py,
+beam_jobs/prism_runner.py). :func:`run_to_end` runs a
 pipeline with the long-lived objects kept out of the GC (beam_jobs/heap.py).
 """
 
@@ -20,6 +22,7 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
+from beam_jobs import flink_runner, prism_runner
 from beam_jobs.heap import long_lived_objects_frozen
 from transforms.state_cache import no_state_cache_in_process
 
@@ -33,7 +36,12 @@ def runs_in_process(runner: Optional[str]) -> bool:
 
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline for `options`, on the FnApiRunner without a state cache when it runs in this process."""
-    if not runs_in_process(options.view_as(StandardOptions).runner):
+    runner = options.view_as(StandardOptions).runner
+    if flink_runner.is_flink(runner):
+        flink_runner.configure(options)
+    elif prism_runner.is_prism(runner):
+        prism_runner.configure(options)
+    if not runs_in_process(runner):
         return beam.Pipeline(options=options)
     from apache_beam.portability.api import beam_provision_api_pb2
     from apache_beam.runners.portability.fn_api_runner import fn_runner

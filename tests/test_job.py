@@ -1,4 +1,4 @@
-"""The whole job, bounded, against the real broker, fed by an outside producer.
+"""The whole job, bounded and streaming, against Apache Kafka, fed by an outside producer.
 
 The producer here knows only the .avsc files in schemas/: it encodes with
 fastavro directly, as another team's gateway would.
@@ -26,6 +26,7 @@ from schemas.serde import DEAD_LETTER, SCORE, AvroDecoder
 from tests.kafka_helpers import committed_offsets, produce_all, read_all
 from transforms.kafka_client import end_offsets, ensure_topics, make_consumer, partitions_of
 
+pytestmark = pytest.mark.apache_kafka  # the product's path end to end, on the broker production runs
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMAS = ROOT / "schemas"
 START_MS = 1_750_000_000_000

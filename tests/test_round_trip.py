@@ -1,4 +1,4 @@
-"""Done-when test of issue 6: record -> replay -> score -> compare, end to end with the real broker.
+"""Done-when test of issue 6: record -> replay -> score -> compare, end to end on Apache Kafka.
 
 A fleet writes to Kafka and the job scores it; the topic is recorded with the
 record tool, replayed into a fresh topic with the replay tool and scored
@@ -22,6 +22,7 @@ from tests.test_file_mode import FLOAT_NOISE, score_file_mode
 from tests.test_job import run_job
 from transforms.kafka_client import ensure_topics
 
+pytestmark = pytest.mark.apache_kafka  # the product's path end to end, on the broker production runs
 CALIBRATION = ("--calibration_events", "30")
 
 
