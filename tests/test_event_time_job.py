@@ -30,6 +30,8 @@ from tests.kafka_helpers import produce_all, read_all
 from tests.test_job import ROOT, _wait_for
 from transforms.kafka_client import ensure_topics
 
+pytestmark = pytest.mark.apache_kafka  # the production broker: its CreateTime stamps, its empty fetches
+
 DAY_MS = 86_400_000
 PARTITIONS, DEVICES, STEPS, CHUNK_STEPS = 3, 9, 300, 60
 STOP_AT_STEP = 150  # one device per partition goes silent here, for good

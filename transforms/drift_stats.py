@@ -265,6 +265,19 @@ class DriftThresholds:
     min_values: int = 50
 
 
+def reproducible(value: float, digits: int = 10) -> float:
+    """`value` to `digits` significant digits: the same whatever order partial summaries were merged in.
+
+    Per-device moments are merged by Chan's update in the order partials
+    arrive, and which values share a partial depends on how the runner cut
+    bundles, so mean, std and the effective sample size differ between runs
+    in their last bits (seen: 114.16372862453532 against ...531). Counts, PSI
+    and the KS statistic are exact; the float statistics are reported to 10
+    digits, so runs over the same events write byte-identical records.
+    """
+    return value if not math.isfinite(value) else float(f"{value:.{digits}g}")
+
+
 def drift_statistics(summary: WindowSummary, reference: FeatureReference, thresholds: DriftThresholds) -> dict:
     """The DriftStatistics fields that depend on the data (not window, feature or model)."""
     pooled = summary.pooled()
@@ -272,13 +285,13 @@ def drift_statistics(summary: WindowSummary, reference: FeatureReference, thresh
     psi_value = psi(summary.psi_counts, np.asarray(reference.psi_proportions)) if observed else math.nan
     ks_value = ks_statistic(summary.ks_counts, np.asarray(reference.ks_cdf)) if observed else 0.0
     n_effective = _effective_sample_size(summary.device_n.astype(np.float64), summary.device_mean, summary.device_m2)
-    p_value = ks_pvalue(ks_value, n_effective) if observed else 1.0
+    p_value = reproducible(ks_pvalue(ks_value, n_effective)) if observed else 1.0
     enough = observed >= thresholds.min_values
     return {
         "count": summary.events,
         "missing_rate": summary.missing / summary.events if summary.events else 0.0,
-        "mean": pooled.mean if observed else math.nan,
-        "std": math.sqrt(pooled.m2 / observed) if observed else math.nan,
+        "mean": reproducible(pooled.mean) if observed else math.nan,
+        "std": reproducible(math.sqrt(pooled.m2 / observed)) if observed else math.nan,
         "reference_mean": reference.mean,
         "reference_std": reference.std,
         "psi": psi_value,
