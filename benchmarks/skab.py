@@ -198,7 +198,8 @@ def plot(f: SkabFile, scores: dict[str, dict], path: Path) -> None:
 def report(files: Sequence[SkabFile], scores: dict[str, dict], name: str, output_dir: Path) -> Counts:
     """Prints the pooled figures and per-file table of one job run; writes its plots."""
     pooled, table = evaluate(files, scores, CALIBRATION_EVENTS)
-    print(f"\n## {name}: pooled over {sum(f.labels is not None for f in files)} labelled files, rows >= "
+    labelled_files = sum(f.labels is not None for f in files)
+    print(f"\n## {name} job run, parameters tuned on these files: pooled over {labelled_files} labelled files, rows >= "
           f"{CALIBRATION_EVENTS}: F1 {pooled.f1:.3f}  FAR {pooled.far:.2f}%  MAR {pooled.mar:.2f}%\n")
     print("\n".join(table))
     labelled = [f for f in files if f.labels is not None]
@@ -228,6 +229,8 @@ def free_segments_far(artifact: ModelArtifact, files: Sequence[SkabFile], post: 
     for start in range(0, len(free[0].readings) - FREE_SEGMENT + 1, FREE_SEGMENT // 2):
         segment = replace(free[0], readings=free[0].readings[start:start + FREE_SEGMENT])
         rates.append(alarms_for(artifact, segment, post, CALIBRATION_EVENTS)[CALIBRATION_EVENTS:].mean())
+    if not rates:
+        return f"the anomaly-free file is shorter than {FREE_SEGMENT} rows"
     return (f"anomaly-free file as {len(rates)} devices of {FREE_SEGMENT} rows (half overlapping), each calibrated on "
             f"its first {CALIBRATION_EVENTS}: {100 * np.mean(rates):.1f}% of their later rows alarm (range "
             f"{100 * min(rates):.0f}-{100 * max(rates):.0f}%; training data, so optimistic)")
@@ -278,7 +281,7 @@ def run(data: Path, output_dir: Path, *, quantize: Sequence[str], epochs: int, s
             topic = run_job(config, model_dir, choice, CALIBRATION_EVENTS, choice)
             scores = read_scores(config, topic)
             print(f"job ({choice}): {len(scores)} scores for {sent} events")
-            results[choice] = report(files, scores, f"quantize-{choice} (tuned on these files)", output_dir)
+            results[choice] = report(files, scores, f"quantize-{choice}", output_dir)
             print(nab_line(nab_of(files, {i: alarms(f, scores) for i, f in enumerate(files) if f.labels is not None})))
     print(f"\n## fault types on the simulated line ({fault_model.name} model, trained on its normal fleet)\n")
     fault_artifact = load_artifact(fault_model)
@@ -298,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=100, help="training steps per member (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--fault_model", type=Path, default=BUNDLED_MODEL_DIR,
-                        help="model for the fault-type table, trained on the simulator's normal fleet (default bundled)")
+                        help="model for the fault-type table, trained on the simulated line (default bundled)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)

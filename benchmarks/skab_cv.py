@@ -88,7 +88,8 @@ class CrossValidation:
 
 
 def cross_validate(artifact: ModelArtifact, files: Sequence["SkabFile"], calibration_events: int,
-                   grid: Sequence[PostProcessing] = GRID, folds: int = FOLDS, quantize: str = "none") -> CrossValidation:
+                   grid: Sequence[PostProcessing] = GRID, folds: int = FOLDS,
+                   quantize: str = "none") -> CrossValidation:
     """Leave-folds-out choice of the post-processing; see the module docstring."""
     base = artifact.post_processing
     grid = [replace(base, ewma_span=p.ewma_span, factor=p.factor) for p in grid]

@@ -231,7 +231,8 @@ class DeviceDetector:
                 self._calibrate(state)
         else:
             self._accumulate(state, *self._contribution(state, values), observed)
-        return np.concatenate([self._evidence(state) * observed, observed, [state.level]]).astype(np.float32), calibrating
+        row = np.concatenate([self._evidence(state) * observed, observed, [state.level]]).astype(np.float32)
+        return row, calibrating
 
     def level_evidence(self, state: DetectorState) -> np.ndarray:
         """L_j: how far each reading's smoothed level is from calibration, beyond the dead band (docstring above)."""
