@@ -17,7 +17,9 @@ from models.artifact import ModelArtifact
 from models.train import train
 from schemas.serde import EVENT, current_schema
 
+
 CALIBRATION, DEVICES = 120, 10
+
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> ModelArtifact:
@@ -29,14 +31,17 @@ def artifact(tmp_path_factory) -> ModelArtifact:
     return train([root / "normal.avro"], root / "model", epochs=40, seed=0, hidden_size=8,
                  calibration_events=CALIBRATION)
 
+
 @pytest.fixture(scope="module")
 def report(artifact):
     return {r.kind: r for r in evaluate(artifact, CALIBRATION, devices=DEVICES, size=6.0, seed=3).types}
+
 
 @pytest.mark.parametrize("kind", ["step", "drift", "variance", "correlated"])
 def test_a_six_sigma_fault_held_for_100_events_alarms_on_every_device(report, kind):
     assert report[kind].recall == 1.0
     assert np.median(report[kind].delays) <= 50
+
 
 @pytest.mark.parametrize("kind, least", [("spikes", 0.8), ("stuck", 0.3)])
 def test_bursts_and_stuck_sensors_alarm_on_many_devices(report, kind, least):
@@ -45,10 +50,12 @@ def test_bursts_and_stuck_sensors_alarm_on_many_devices(report, kind, least):
     assert report[kind].recall >= least
     assert report[kind].recall > report[kind].clean_detected / report[kind].faults
 
+
 def test_a_missing_burst_alarms_no_more_than_the_same_windows_without_it(report):
     missing = report["missing"]
     assert missing.detected <= missing.clean_detected + 1
     assert missing.alarm_share < 0.02
+
 
 def test_each_fault_changes_only_its_window_and_its_readings():
     rng = np.random.default_rng(0)
