@@ -24,8 +24,9 @@ through the model from a zero state, and fits its evidence weights and alarm
 level from the replayed residuals. Until then its rows have alarm level 0,
 which the head scores 0. After that, per event:
 
-1. normalise with the baseline (z); a missing reading is imputed from the
-   present ones (conditional mean under the calibration covariance);
+1. normalise with the baseline (z); a missing reading is imputed: its
+   forecast at first, then more and more its conditional mean given the
+   present readings (under the calibration covariance);
 2. per-feature contribution ``c_j = ((z_j - ẑ_j) / r_j)²``, divided by the
    device's calibration mean (floored) and capped, so each reading's evidence
    is in units of its own normal residual and one spike cannot dominate;
@@ -63,6 +64,7 @@ from models.lstm import numpy_step
 from models.preprocessing import Baseline, Imputer, fit_baseline, fit_imputer, forward_fill
 
 LEVEL_FLOOR = 1e-6
+GAP_DECAY = 0.8  # weight of the forecast in a missing reading's imputation, per event of the gap
 
 
 @dataclass(frozen=True)
@@ -118,12 +120,12 @@ class DetectorState:
     buffer). Values round-trip exactly; the arrays come back as views of one
     writable array per dtype. Arrays of other dtypes than the detector makes
     are pickled one value per slot. States pickled before the level statistic
-    still load (level 0, an imputer that imputes the calibration level); no
+    still load (level 0, no gaps, an imputer that imputes the calibration level); no
     served model uses them, since the artifact's state signature changed.
     """
 
     __slots__ = ("events_seen", "buffer", "baseline", "imputer", "h", "c", "forecast", "weights", "level", "evidence",
-                 "mean")
+                 "mean", "gap")
 
     def __init__(self, n_features: int, hidden_size: int):
         self.events_seen = 0
@@ -137,9 +139,10 @@ class DetectorState:
         self.level = 0.0
         self.evidence = np.zeros(n_features)  # R_j, the residual evidence
         self.mean = np.zeros(n_features)  # m_j, the smoothed level in calibration units (z)
+        self.gap = np.zeros(n_features)  # events each reading has been missing for, up to this one
 
     def __getstate__(self):
-        arrays = [self.weights, self.evidence, self.mean]
+        arrays = [self.weights, self.evidence, self.mean, self.gap]
         if self.forecast is not None:
             arrays.append(self.forecast)
         if self.baseline is not None:
@@ -162,8 +165,8 @@ class DetectorState:
             _, self.events_seen, self.level, n, rows, has_forecast, has_baseline, floats, hidden = values
             x = np.frombuffer(floats, dtype=np.float64).copy()
             self._set_hidden(hidden)
-            self.weights, self.evidence, self.mean = x[:n], x[n : 2 * n], x[2 * n : 3 * n]
-            at = 3 * n
+            self.weights, self.evidence, self.mean, self.gap = x[:n], x[n : 2 * n], x[2 * n : 3 * n], x[3 * n : 4 * n]
+            at = 4 * n
             self.forecast = None
             if has_forecast:
                 self.forecast, at = x[at : at + n], at + n
@@ -197,7 +200,7 @@ class DetectorState:
         for name in ("events_seen", "level", "weights", "evidence", "forecast", "baseline", "buffer", "h", "c"):
             if name in old:
                 setattr(self, name, old[name])
-        self.mean = np.zeros(n)
+        self.mean, self.gap = np.zeros(n), np.zeros(n)
         self.imputer = None if self.baseline is None else Imputer(np.zeros(n), np.eye(n))
 
 
@@ -246,13 +249,26 @@ class DeviceDetector:
     def _contribution(self, state: DetectorState, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """c_j of this event (0 for a device's first event, which has no forecast) and z; steps the model.
 
-        Missing readings are imputed from the present ones (models.preprocessing.Imputer).
+        A missing reading enters the model as a blend of its forecast and its
+        conditional mean given the present readings (models.preprocessing.
+        Imputer), the forecast's weight GAP_DECAY^g at the g-th event of a gap.
+        The forecast is the best guess for one event (a reading forecast by
+        its last value stays there; conditional means alone raised the
+        simulated line's fault-free alarm rate from 0.71 % to 0.83 % at 1 %
+        missing readings, and its recall on faults from 0.45 to 0.34), but fed back for many events it runs free (a
+        100-event pressure gap walked 7 sigma off and alarmed); the
+        conditional mean keeps a long gap consistent with the other readings.
         """
         missing = np.isnan(values)
         z = state.baseline.normalise(values)
         if missing.any():
-            z = state.imputer.impute(z, missing)
+            conditional = state.imputer.impute(z, missing)
+            if state.forecast is not None:
+                weight = GAP_DECAY ** (state.gap + 1)
+                conditional = np.where(missing, weight * state.forecast + (1 - weight) * conditional, conditional)
+            z = conditional.astype(np.float32)
         contribution = np.zeros(len(z)) if state.forecast is None else ((z - state.forecast) / self._scale) ** 2
+        state.gap = np.where(missing, state.gap + 1, 0.0)
         state.h, state.c, forecast = self._step(z, state.h, state.c)
         state.forecast = forecast.astype(np.float64)
         return contribution, z

@@ -1,10 +1,12 @@
 """The per-device detector against a batch oracle: streaming one event at a time equals the whole sequence.
 
-The oracle imputes missing readings with numpy's own conditional-mean
-algebra, runs the trained LstmForecaster over the whole recording at once and
-applies the post-processing (residual and level evidence) with numpy; the
-DeviceDetector gets the same readings one event at a time (calibration
-buffer, replay, eager forecasts).
+The oracle runs the trained LstmForecaster's torch LSTM (not the numpy cell
+the detector steps) over the recording, imputing missing readings with
+numpy's own conditional-mean algebra blended with the forecast; without
+missing readings that is one full-sequence call. It applies the
+post-processing (residual and level evidence) with numpy over the whole
+sequence; the DeviceDetector gets the same readings one event at a time
+(calibration buffer, replay, eager forecasts).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from apache_beam.coders import PickleCoder
 
 from models.artifact import ModelArtifact
-from models.detector import DetectorState, DeviceDetector, PostProcessing, warm_up_events
+from models.detector import GAP_DECAY, DetectorState, DeviceDetector, PostProcessing, warm_up_events
 from models.preprocessing import IMPUTER_RIDGE, fit_baseline, forward_fill
 from models.train import train
 from tests.test_artifact import write_recording
@@ -58,15 +60,35 @@ def stream(d: DeviceDetector, raw: np.ndarray) -> tuple[np.ndarray, list[bool]]:
     return np.stack(rows), flags
 
 
-def impute(z: np.ndarray, missing: np.ndarray, calibration_z: np.ndarray) -> np.ndarray:
-    """Each row's missing z by its Gaussian conditional mean given the row's present z (calibration moments)."""
+def conditional_mean(z: np.ndarray, missing: np.ndarray, calibration_z: np.ndarray) -> np.ndarray:
+    """A row's missing z by its Gaussian conditional mean given the row's present z (calibration moments)."""
     mean = calibration_z.mean(axis=0)
-    cov = np.cov(calibration_z.T, bias=True) + IMPUTER_RIDGE * np.eye(z.shape[1])
-    z = z.astype(np.float64)
-    for t in np.flatnonzero(missing.any(axis=1)):
-        m, o = missing[t], ~missing[t]
-        z[t, m] = mean[m] + cov[np.ix_(m, o)] @ np.linalg.inv(cov[np.ix_(o, o)]) @ (z[t, o] - mean[o])
-    return z.astype(np.float32)
+    cov = np.cov(calibration_z.T, bias=True) + IMPUTER_RIDGE * np.eye(len(z))
+    z, m, o = z.astype(np.float64), missing, ~missing
+    z[m] = mean[m] + cov[np.ix_(m, o)] @ np.linalg.inv(cov[np.ix_(o, o)]) @ (z[o] - mean[o])
+    return z
+
+
+def forecasts(model, z: np.ndarray, missing: np.ndarray, calibration_z: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(z with missing readings imputed, forecasts of z[1:]): torch's LSTM, one call if nothing is missing."""
+    if not missing.any():
+        with torch.no_grad():
+            return z, model(torch.from_numpy(z)[None])[0].numpy()
+    z, out, state, gap, forecast = z.copy(), [], None, np.zeros(z.shape[1]), None
+    for t in range(len(z)):
+        if missing[t].any():
+            imputed = conditional_mean(z[t], missing[t], calibration_z)
+            if forecast is not None:
+                weight = GAP_DECAY ** (gap + 1)
+                imputed = np.where(missing[t], weight * forecast + (1 - weight) * imputed, imputed)
+            z[t] = imputed
+        gap = np.where(missing[t], gap + 1, 0)
+        with torch.no_grad():
+            x = torch.from_numpy(z[t : t + 1])[None]
+            hidden, state = model.lstm(x.clamp(-3, 3), state)
+            forecast = (model.ar * x[0, 0] + model.head(hidden[0, 0])).numpy().astype(np.float64)
+        out.append(forecast)
+    return z, np.stack(out[:-1]).astype(np.float32)
 
 
 def ewma(values: np.ndarray, alpha: float, observed: np.ndarray) -> np.ndarray:
@@ -82,10 +104,8 @@ def oracle(artifact: ModelArtifact, raw: np.ndarray, n: int = CALIBRATION) -> np
     post, model = artifact.post_processing, artifact.forecaster()
     observed = ~np.isnan(raw)
     baseline = fit_baseline(forward_fill(raw[:n]))
-    z = impute(np.nan_to_num((raw - baseline.median) / baseline.scale), ~observed,
-               np.nan_to_num((forward_fill(raw[:n]) - baseline.median) / baseline.scale))
-    with torch.no_grad():
-        forecast = model(torch.from_numpy(z)[None])[0].numpy()
+    z, forecast = forecasts(model, np.nan_to_num((raw - baseline.median) / baseline.scale).astype(np.float32),
+                            ~observed, np.nan_to_num((forward_fill(raw[:n]) - baseline.median) / baseline.scale))
     contributions = np.zeros_like(z, dtype=np.float64)
     contributions[1:] = ((z[1:] - forecast) / model.residual_scale.numpy()) ** 2
     skip = warm_up_events(n)
