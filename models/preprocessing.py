@@ -52,7 +52,8 @@ class Imputer(NamedTuple):
     a 100-event gap of pressure walked 7 sigma away and alarmed). The
     Gaussian conditional mean ``μ_M + Σ_MO Σ_OO⁻¹ (z_O − μ_O)`` uses this
     event's present readings, for any pattern of gaps, with a small ridge so
-    quantised or flat readings cannot make Σ singular.
+    quantised or flat readings cannot make Σ singular. The detector blends it
+    with the forecast, which is the better guess early in a gap.
     """
 
     centre: np.ndarray
