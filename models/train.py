@@ -202,8 +202,9 @@ def train(
         "features": list(features),
         "hidden_size": hidden_size,
         "post_processing": post.as_dict(),
-        "threshold": {"policy": f"per device: alarm when max feature evidence > {post.factor} x quantile "
-                                f"{post.quantile} of its calibration scores; score is in units of that quantile",
+        "threshold": {"policy": f"per device: alarm when the largest reading's residual evidence, in units of the "
+                                f"quantile {post.quantile} of its calibration scores, plus its level evidence "
+                                f"exceeds {post.factor}",
                       "value": post.factor},
         "training": {"fingerprint_sha256": digest, "files": [p.name for p in paths], "devices": len(sequences),
                      "events": events, "epochs": epochs, "seed": seed, "calibration_events": calibration_events,
