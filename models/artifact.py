@@ -5,8 +5,8 @@ Layout::
     model.json       features and their order, post-processing and threshold
                      policy, version, training fingerprint, sha256 of each
                      weights file
-    forecaster.pt    state_dict of LstmForecaster (its AR(1) coefficients and
-                     residual scales are buffers)
+    forecaster.pt    state_dict of LstmForecaster (its AR(1) coefficients,
+                     residual scales and level scales are buffers)
     head.pt          state_dict of ScoringHead (it has no weights today; kept
                      so a head with weights needs no format change)
     MODEL_CARD.md    what data, which metrics, for people
@@ -39,10 +39,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.detector import PostProcessing
+from models.detector import DeviceDetector, PostProcessing
 from models.lstm import LstmForecaster, RecurrentStep, ScoringHead, quantize_int8
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the forecaster carries level_scale (the level statistic)
 QUANTIZE_CHOICES = ("none", "int8")
 BUNDLED_MODEL_DIR = Path(__file__).resolve().parent / "bundled"
 BUNDLED = "bundled"
@@ -116,6 +116,13 @@ class ModelArtifact:
         """The forecaster as a one-event RecurrentStep, int8-quantised when asked."""
         step = RecurrentStep(self.forecaster()).eval()
         return quantize_int8(step) if quantize == "int8" else step
+
+    def detector(self, calibration_events: int, quantize: str = "none",
+                 post: PostProcessing | None = None) -> DeviceDetector:
+        """The per-device detector of this model; `post` replaces the artifact's post-processing (tuning)."""
+        forecaster = self.forecaster()
+        return DeviceDetector(self.step(quantize), forecaster.residual_scale.numpy(), post or self.post_processing,
+                              calibration_events, forecaster.level_scale.numpy())
 
 
 def resolve_model_dir(path: str | Path) -> Path:

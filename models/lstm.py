@@ -41,6 +41,8 @@ class LstmForecaster(nn.Module):
         self.head = nn.Linear(hidden_size, n_features)
         self.register_buffer("ar", torch.zeros(n_features))
         self.register_buffer("residual_scale", torch.ones(n_features))
+        # s_j of the level statistic (models/detector.py): how far training devices wander after calibration
+        self.register_buffer("level_scale", torch.ones(n_features))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """Forecasts of z[:, 1:] for (batch, time, features) inputs."""

@@ -78,8 +78,7 @@ class ServingModel(NamedTuple):
 
 
 def serving_model(artifact: ModelArtifact, role: str, calibration_events: int, quantize: str = "none") -> ServingModel:
-    scale = artifact.forecaster().residual_scale.numpy()
-    detector = DeviceDetector(artifact.step(quantize), scale, artifact.post_processing, calibration_events)
+    detector = artifact.detector(calibration_events, quantize)
     served = ServedModel(role, artifact.version, artifact.features, artifact.threshold)
     return ServingModel(served, f"{artifact.state_signature}-{quantize}", detector)
 

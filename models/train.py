@@ -80,15 +80,33 @@ def raw_matrix(events: Sequence[dict], features: Sequence[str]) -> np.ndarray:
     return np.stack([readings_vector(e["readings"], features) for e in events])
 
 
+def _filled_windows(raw: np.ndarray, length: int) -> list[np.ndarray]:
+    """Forward-filled calibration-sized windows of one device, stride half a window."""
+    starts = range(0, max(len(raw) - length, 0) + 1, max(length // 2, 1))
+    return [forward_fill(raw[start:start + length]) for start in starts]
+
+
 def device_windows(raw: np.ndarray, length: int) -> list[np.ndarray]:
     """Normalised calibration-sized windows of one device (stride half a window), two normalisations each."""
-    starts = range(0, max(len(raw) - length, 0) + 1, max(length // 2, 1))
-    windows = []
-    for start in starts:
-        filled = forward_fill(raw[start:start + length])
-        for fit_rows in (len(filled) // 2, len(filled)):
-            windows.append(fit_baseline(filled[:fit_rows]).normalise(filled))
-    return windows
+    return [fit_baseline(filled[:fit_rows]).normalise(filled)
+            for filled in _filled_windows(raw, length) for fit_rows in (len(filled) // 2, len(filled))]
+
+
+def level_scale(raws: Sequence[np.ndarray], length: int) -> np.ndarray:
+    """s_j of the level statistic: how far each reading wanders once a calibration is over, at least 1.
+
+    Every window is normalised with its first half (the calibration) and the
+    RMS of z over its second half is taken, devices weighted equally. A
+    stationary reading gets about 1; a reading whose normal operation drifts
+    (SKAB's temperature: 5.5) gets its drift, so the level statistic of
+    models/detector.py stays quiet on the wander the training devices show.
+    """
+    per_device = []
+    for raw in raws:
+        squares = [np.mean(fit_baseline(w[:len(w) // 2]).normalise(w)[len(w) // 2:].astype(np.float64) ** 2, axis=0)
+                   for w in _filled_windows(raw, length)]
+        per_device.append(np.mean(squares, axis=0))
+    return np.maximum(np.sqrt(np.mean(per_device, axis=0)), 1.0)
 
 
 class TrainingSet:
@@ -123,7 +141,10 @@ def fit_ar(data: TrainingSet) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fit(data: TrainingSet, hidden_size: int, epochs: int, seed: int) -> tuple[LstmForecaster, float]:
-    """AR(1) first and frozen, then the LSTM correction; sets the residual scale. Returns the final loss."""
+    """AR(1) first and frozen, then the LSTM correction; sets the residual scale. Returns the final loss.
+
+    The level scale stays 1 here; :func:`train` sets it with :func:`level_scale`.
+    """
     torch.manual_seed(seed)
     model = LstmForecaster(data.z.shape[-1], hidden_size)
     ar, intercept = fit_ar(data)
@@ -167,19 +188,23 @@ def train(
     if not sequences:
         raise ValueError("the input files hold no SensorEvent records")
     features = feature_names(sequences)
-    windows = {d: device_windows(raw_matrix(events, features), calibration_events) for d, events in sequences.items()}
+    raws = {d: raw_matrix(events, features) for d, events in sequences.items()}
+    windows = {d: device_windows(raw, calibration_events) for d, raw in raws.items()}
     events = sum(len(e) for e in sequences.values())
     _LOG.info("training on %d devices, %d events, %d windows of %d, features %s", len(sequences), events,
               sum(len(w) for w in windows.values()), calibration_events, features)
     model, loss = fit(TrainingSet(windows), hidden_size, epochs, seed)
+    with torch.no_grad():
+        model.level_scale.copy_(torch.from_numpy(level_scale(list(raws.values()), calibration_events)))
     digest = fingerprint(sequences)
     spec = {
         "model_version": f"lstm-h{hidden_size}-{digest[:10]}-s{seed}",
         "features": list(features),
         "hidden_size": hidden_size,
         "post_processing": post.as_dict(),
-        "threshold": {"policy": f"per device: alarm when max feature evidence > {post.factor} x quantile "
-                                f"{post.quantile} of its calibration scores; score is in units of that quantile",
+        "threshold": {"policy": f"per device: alarm when the largest reading's residual evidence, in units of the "
+                                f"quantile {post.quantile} of its calibration scores, plus its level evidence "
+                                f"exceeds {post.factor}",
                       "value": post.factor},
         "training": {"fingerprint_sha256": digest, "files": [p.name for p in paths], "devices": len(sequences),
                      "events": events, "epochs": epochs, "seed": seed, "calibration_events": calibration_events,
@@ -199,9 +224,12 @@ def _model_card(spec: dict, model: LstmForecaster) -> str:
         "events), with a frozen per-feature AR(1) term. Per device, squared standardised residuals are divided "
         f"by their calibration mean (floor {post['floor']}), capped at {post['cap']}, smoothed by a per-feature "
         f"EWMA (span {post['ewma_span']}); the score is the largest feature's evidence, in units of the "
-        f"{post['quantile']} quantile of the device's calibration scores; alarm above {post['factor']}.\n\n"
+        f"{post['quantile']} quantile of the device's calibration scores; alarm above {post['factor']}. "
+        f"Beside it a level statistic: each reading's EWMA level (span {post['level_span']}) away from calibration "
+        f"beyond {post['level_deadband']} level scales, squared, alarms on its own above {post['factor']}.\n\n"
         f"- Features ({len(spec['features'])}): {', '.join(spec['features'])}\n"
         f"- AR(1) coefficients: {', '.join(f'{a:.2f}' for a in model.ar.tolist())}\n"
+        f"- Level scales: {', '.join(f'{a:.2f}' for a in model.level_scale.tolist())}\n"
         f"- LSTM hidden size {spec['hidden_size']}\n"
         f"- Training data: {', '.join(t['files'])} ({t['devices']} devices, {t['events']} events), "
         f"windows of {t['calibration_events']} events, sha256 {t['fingerprint_sha256']}\n"

@@ -19,4 +19,7 @@ if [ ! -f "$stamp" ]; then
   rm -f .venv/.installed-*
   touch "$stamp"
 fi
+# Flink's job server and Prism, fetched or built once into caches outside the repository (docs/flink.md).
+scripts/fetch_flink.sh > /dev/null || echo "warning: no Flink job server: the Flink tests will fail" >&2
+scripts/fetch_prism.sh > /dev/null || echo "warning: no Prism binary: the Prism tests will fail" >&2
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-VERSION="${PRISM_VERSION:-v$("$PYTHON" -c 'from apache_beam.version import __version__; print(__version__)')}"
+VERSION="${PRISM_VERSION:-v$("$PYTHON" -c 'import importlib.metadata as m; print(m.version("apache-beam"))')}"
 DIR="${SENSOR_SCORING_CACHE:-$HOME/.cache/sensor-scoring}/prism/$VERSION"
 if [ -x "$DIR/prism" ]; then
   echo "$DIR/prism"

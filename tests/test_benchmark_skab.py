@@ -29,12 +29,14 @@ def subset(tmp_path) -> Path:
     return tmp_path
 
 
-def test_csv_rows_become_events_with_labels():
+def test_csv_rows_become_events_with_labels_and_change_points():
     f = read_csv(DATA / "valve1" / "1.csv", "valve1-1")
     event = next(iter(f.events()))
     assert event["event_id"] == "valve1-1-0" and event["device_id"] == "valve1-1"
-    assert len(event["readings"]) == 8 and "anomaly" not in event["readings"]
+    assert len(event["readings"]) == 8 and "anomaly" not in event["readings"] and "changepoint" not in event["readings"]
     assert f.labels is not None and f.labels.sum() > 0 and len(f.labels) == len(f.times_ms)
+    assert f.changepoints is not None and len(f.changepoints) >= 2
+    assert f.labels[f.changepoints[0]] == 1 and f.labels[f.changepoints[0] - 1] == 0  # the anomaly starts at one
 
 
 def test_training_sees_only_the_anomaly_free_file_and_calibration_rows(subset, tmp_path):
@@ -50,6 +52,8 @@ def test_benchmark_runs_through_the_job_and_reports(subset, tmp_path, capsys):
     results = run(subset, tmp_path / "out", quantize=["none"], epochs=5, seed=0)
     printed = capsys.readouterr().out
     assert "pooled over 2 labelled files" in printed and "| valve1-3 |" in printed
+    assert "## cross-validated, leave-files-out (2 folds)" in printed and "NAB (60 s window" in printed
+    assert "| missing |" in printed  # the fault-type table
     counts = results["none"]
     labelled_rows = sum(len(f.times_ms) - CALIBRATION_EVENTS for f in load_skab(subset) if f.labels is not None)
     assert counts.tp + counts.fp + counts.fn + counts.tn == labelled_rows

@@ -1,9 +1,11 @@
 """Delivery under faults: a late broker, a paused broker, SIGKILLs, and a graceful stop.
 
 Each test runs the real streaming job as a child process against its own
-Tansu broker (the broker is paused or started late, so it cannot be the
+Apache Kafka node (the broker is paused or started late, so it cannot be the
 session's), and checks afterwards that every valid input has a score and
-that the job committed every offset. Figures are printed (pytest -s).
+that the job committed every offset. Figures are printed (pytest -s). Kafka,
+not Tansu: how a broker holds fetches, fences a paused node and answers
+commits decides what is re-read and how fast the job recovers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from beam_jobs.embedded_broker import EmbeddedBroker, free_port
+from beam_jobs.kafka_cluster import KafkaCluster
 from schemas.serde import SCORE, AvroDecoder
 from tests.kafka_helpers import committed_offsets, produce_all, read_all
 from tests.test_job import ROOT, _avro, _schema, _wait_for, malformed_messages, outside_events
@@ -82,14 +84,14 @@ def scored_ids(config: KafkaConfig) -> Counter:
 
 @pytest.mark.slow
 def test_job_waits_for_a_broker_that_starts_late(tmp_path):
-    port = free_port()
-    config = KafkaConfig(f"127.0.0.1:{port}")
+    broker = KafkaCluster(folder=tmp_path / "kafka")  # its ports are chosen now, it starts later
+    config = broker.config()
     log = tmp_path / "job.log"
     job = start_job(config.bootstrap_servers, log, "--startup_timeout_s", "60")
     try:
         time.sleep(10)
         assert job.poll() is None, log.read_text()
-        with EmbeddedBroker(port):
+        with broker:
             _wait_for(lambda: has_input_topic(config), 60, "the job to create its topics")
             events = outside_events(devices=3, per_device=20)
             produce_events(config, events)
@@ -108,17 +110,17 @@ def test_job_waits_for_a_broker_that_starts_late(tmp_path):
 def test_job_rides_out_a_paused_broker(tmp_path):
     """SIGSTOP mid-stream for 15 s: requests in flight stall and time out or resume; nothing is lost."""
     log = tmp_path / "job.log"
-    with EmbeddedBroker() as broker:
-        config = KafkaConfig(broker.bootstrap_servers)
+    with KafkaCluster(folder=tmp_path / "kafka") as broker:
+        config = broker.config()
         ensure_topics(config, ["in"], partitions=2)
         events = outside_events(devices=20, per_device=150)
         produce_events(config, events[:2500])
         job = start_job(broker.bootstrap_servers, log)
         try:
             _wait_for(lambda: sum(scored_ids(config).values()) >= 300, 90, "the job to be under way")
-            os.kill(broker.pid, signal.SIGSTOP)
+            os.kill(broker.pid(), signal.SIGSTOP)
             time.sleep(15)
-            os.kill(broker.pid, signal.SIGCONT)
+            os.kill(broker.pid(), signal.SIGCONT)
             resumed = time.monotonic()
             produce_events(config, events[2500:])
             _wait_for(lambda: sum(scored_ids(config).values()) >= len(events) and all_committed(config), 120,
@@ -141,8 +143,8 @@ def test_sigkilled_three_times_every_valid_event_is_scored(tmp_path):
     events = outside_events(devices=50, per_device=600, seed=5)
     bad = malformed_messages(300, _schema("sensor_event.avsc"))
     started = time.monotonic()
-    with EmbeddedBroker() as broker:
-        config = KafkaConfig(broker.bootstrap_servers)
+    with KafkaCluster(folder=tmp_path / "kafka") as broker:
+        config = broker.config()
         ensure_topics(config, ["in", "scores"], partitions=4)
         produce_events(config, events, bad)
         consumer = make_consumer(config)

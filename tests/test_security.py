@@ -1,11 +1,11 @@
-"""Security: TLS and SASL settings on every client, pseudonymised device ids, audit records.
+"""Security: TLS and SASL end to end on Apache Kafka, refusals that say why, pseudonymised ids, audit records.
 
-TLS runs the whole job against the real broker behind a TLS front (see
-tests/tls_helpers.py for why a front). SASL cannot be run end to end here:
-Tansu 0.6.0 with ``--authentication`` only knows users created through an
-authenticated connection, and its in-memory storage starts with none, so
-the SASL test checks that real kafka-python clients are built with the
-settings, the password coming from the environment only.
+The session's Apache Kafka (tests/conftest.py) serves TLS itself and
+SASL_SSL with SCRAM-SHA-512 users made when its storage was formatted:
+``scorer`` with rights on every topic and group, ``outsider`` with none.
+The job and every tool run over both listeners, the password coming from
+the environment only. (Tansu could do neither: it refuses ``--cert`` with
+``--key``, and its memory storage starts with no SASL users.)
 """
 
 from __future__ import annotations
@@ -15,54 +15,49 @@ import json
 import pickle
 import subprocess
 import sys
+import time
 
 import pytest
 
 from beam_jobs import inspect as inspect_tool
 from beam_jobs import local_run, simulator
-from beam_jobs.embedded_broker import EmbeddedBroker, free_port
+from beam_jobs.kafka_cluster import OUTSIDER, SCORER, KafkaCluster
+from beam_jobs.throwaway_certificates import make_certificates
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config
 from beam_jobs.recordings import read_events, write_events
 from beam_jobs.security_options import KAFKA_SECURITY_OPTIONS, kafka_security, kafka_security_argv
 from schemas.serde import AUDIT, EVENT, SCORE, AvroDecoder
 from tests.kafka_helpers import produce_all, read_all
 from tests.test_job import ROOT, _avro, _schema, outside_events, run_job
-from tests.tls_helpers import TlsFront, make_certificates
 from transforms.kafka_client import (
     BrokerUnavailable,
+    KafkaAuthenticationFailed,
     KafkaConfig,
+    KafkaNotAuthorized,
     KafkaSecurity,
     KafkaSecurityError,
     ensure_topics,
     make_admin,
     make_consumer,
-    make_producer,
 )
 from transforms.pseudonymize import PSEUDONYM_HEX_CHARS, PseudonymizeKeyMissing, pseudonym, pseudonymizer_from_env
 
+pytestmark = pytest.mark.apache_kafka
 PASSWORD = "correct horse battery staple"
+LISTENERS = ["SSL", "SASL_SSL"]
 
 
-def test_sasl_settings_reach_real_clients_and_the_password_stays_in_the_environment(monkeypatch, tmp_path):
+def test_sasl_settings_reach_the_clients_and_the_password_stays_in_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("KAFKA_PASSWORD", PASSWORD)
     options = SensorScoringOptions([
         "--bootstrap_servers", "127.0.0.1:1", "--security_protocol", "SASL_SSL", "--ssl_cafile", "ca.pem",
         "--sasl_mechanism", "SCRAM-SHA-512", "--sasl_username", "scorer", "--sasl_password_env", "KAFKA_PASSWORD",
     ])
     config = kafka_config(options)
-    # api_version given: the clients are built without a broker to talk to.
-    consumer = make_consumer(config, api_version=(3, 9))
-    producer = make_producer(config, api_version=(3, 9))
-    try:
-        for client in (consumer, producer):
-            assert client.config["security_protocol"] == "SASL_SSL"
-            assert client.config["ssl_cafile"] == "ca.pem"
-            assert client.config["sasl_mechanism"] == "SCRAM-SHA-512"
-            assert client.config["sasl_plain_username"] == "scorer"
-            assert client.config["sasl_plain_password"] == PASSWORD
-    finally:
-        consumer.close()
-        producer.close(timeout=0)
+    assert config.client_kwargs() == {
+        "bootstrap_servers": ["127.0.0.1:1"], "client_id": "sensor-scoring", "security_protocol": "SASL_SSL",
+        "ssl_cafile": "ca.pem", "sasl_mechanism": "SCRAM-SHA-512", "sasl_plain_username": "scorer",
+        "sasl_plain_password": PASSWORD}
     for shipped in (repr(config), repr(options), str(options.get_all_options())):
         assert PASSWORD not in shipped
     assert PASSWORD.encode() not in pickle.dumps(config)
@@ -83,32 +78,84 @@ def test_security_settings_that_cannot_work_are_refused_at_launch(settings, mess
         KafkaSecurity(**settings)
 
 
-@pytest.fixture(scope="module")
-def tls_broker(tmp_path_factory):
-    """A broker reachable only over TLS, and the certificate files its clients need."""
-    files = make_certificates(tmp_path_factory.mktemp("tls"))
-    front_port = free_port()
-    with EmbeddedBroker(advertised_port=front_port) as broker, TlsFront(front_port, broker.port, files):
-        yield f"127.0.0.1:{front_port}", files
+@pytest.fixture
+def secured(kafka_broker: KafkaCluster, monkeypatch):
+    """The session's Apache Kafka, with scorer's password in $KAFKA_PASSWORD; flags(listener) for the tools."""
+    monkeypatch.setenv("KAFKA_PASSWORD", kafka_broker.passwords[SCORER])
+
+    def flags(listener: str, user: str = SCORER) -> list[str]:
+        argv = ["--bootstrap_servers", kafka_broker.bootstrap(listener), "--security_protocol", listener,
+                "--ssl_cafile", str(kafka_broker.tls.ca)]
+        if listener == "SASL_SSL":
+            argv += ["--sasl_mechanism", "SCRAM-SHA-512", "--sasl_username", user, "--sasl_password_env",
+                     "KAFKA_PASSWORD"]
+        return argv
+
+    kafka_broker.flags = flags
+    return kafka_broker
+
+
+def _secured_config(broker: KafkaCluster, listener: str, user: str = SCORER) -> KafkaConfig:
+    return broker.config(listener, user, "KAFKA_PASSWORD")
 
 
 @pytest.mark.slow
-def test_job_scores_over_tls(tls_broker, topic_names, tmp_path):
-    bootstrap, files = tls_broker
-    tls = KafkaConfig(bootstrap, security=KafkaSecurity("SSL", ssl_cafile=str(files.ca)))
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_job_scores_over_tls_and_sasl(secured, listener, topic_names):
+    config = _secured_config(secured, listener)
     schema = _schema("sensor_event.avsc")
     events = outside_events(devices=3, per_device=20)
-    ensure_topics(tls, [topic_names("in")], partitions=2)
-    produce_all(tls, topic_names("in"), [(e["device_id"].encode(), _avro(schema, e), None) for e in events])
+    ensure_topics(config, [topic_names("in")], partitions=2)
+    produce_all(config, topic_names("in"), [(e["device_id"].encode(), _avro(schema, e), None) for e in events])
 
-    run_job(tls, topic_names, "--security_protocol", "SSL", "--ssl_cafile", str(files.ca))
+    run_job(config, topic_names, *secured.flags(listener)[2:])
 
-    scores = read_all(tls, topic_names("scores"), AvroDecoder(SCORE))
+    scores = read_all(config, topic_names("scores"), AvroDecoder(SCORE))
     assert sorted(s["event_id"] for *_, s in scores) == sorted(e["event_id"] for e in events)
-    # The CA is checked: a client trusting another CA gets no connection.
+
+
+def test_a_client_trusting_another_ca_gets_no_connection(secured, tmp_path):
     stranger = make_certificates(tmp_path, ca_name="another CA")
     with pytest.raises(BrokerUnavailable):
-        make_admin(KafkaConfig(bootstrap, security=KafkaSecurity("SSL", ssl_cafile=str(stranger.ca))), timeout_s=3)
+        make_admin(KafkaConfig(secured.bootstrap("SSL"), security=KafkaSecurity("SSL", ssl_cafile=str(stranger.ca))),
+                   timeout_s=3)
+
+
+def test_a_wrong_password_is_a_clear_error_naming_the_mechanism_and_the_broker(secured, monkeypatch, capsys):
+    monkeypatch.setenv("KAFKA_PASSWORD", "not the password")
+    config = _secured_config(secured, "SASL_SSL")
+    expected = (f"the Kafka broker at {secured.bootstrap('SASL_SSL')} refused SASL SCRAM-SHA-512 authentication "
+                f"of user 'scorer'")
+    started = time.monotonic()
+    with pytest.raises(KafkaAuthenticationFailed, match=expected) as refused:
+        ensure_topics(config, ["never-created"], timeout_s=30)  # no retries: a wrong password stays wrong
+    assert "$KAFKA_PASSWORD" in str(refused.value) and "not the password" not in str(refused.value)
+    with pytest.raises(KafkaAuthenticationFailed, match=expected):
+        make_consumer(config)  # the tools that start with a consumer: record, inspect
+    assert time.monotonic() - started < 60  # usually 10 s: a client may see only closed connections at first
+    assert _exit_code("beam_jobs.inspect", [*secured.flags("SASL_SSL"), "--topic", "any", "--schema", EVENT]) == 2
+    assert expected in capsys.readouterr().err
+
+
+def test_a_user_without_rights_gets_an_authorisation_error_not_a_hang(secured, topic_names, monkeypatch, capsys):
+    plain = secured.config()
+    ensure_topics(plain, [topic_names("in")], partitions=2)
+    produce_all(plain, topic_names("in"), [(b"k", b"v", None)])
+    monkeypatch.setenv("KAFKA_PASSWORD", secured.passwords[OUTSIDER])
+    outsider = _secured_config(secured, "SASL_SSL", OUTSIDER)
+    who = "SASL SCRAM-SHA-512 user 'outsider' is not authorised to"
+    started = time.monotonic()
+    with pytest.raises(KafkaNotAuthorized, match=f"{who} create or describe topic"):
+        ensure_topics(outsider, [topic_names("in")])
+    # The job stops at launch with the reason (exit code 2), the tools likewise.
+    job = subprocess.run([sys.executable, "-m", "beam_jobs.sensor_scoring", *secured.flags("SASL_SSL", OUTSIDER),
+                          "--input_topic", topic_names("in"), "--bounded"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert job.returncode == 2 and f"{who} create or describe topic" in job.stderr, job.stderr[-2000:]
+    recorded = ["--topic", topic_names("in"), "--output", "unused.avro"]
+    assert _exit_code("beam_jobs.record", [*secured.flags("SASL_SSL", OUTSIDER), *recorded]) == 2
+    assert f"{who} describe topic '{topic_names('in')}' at {secured.bootstrap('SASL_SSL')}" in capsys.readouterr().err
+    assert time.monotonic() - started < 30
 
 
 # Every command-line tool that connects to Kafka; each takes the job's security flags.
@@ -173,41 +220,39 @@ def _run_tool(module: str, *args: str) -> str:
     return done.stderr
 
 
-def test_tools_replay_record_simulate_and_inspect_over_tls(tls_broker, topic_names, tmp_path, capsys):
-    bootstrap, files = tls_broker
-    tls_flags = ["--bootstrap_servers", bootstrap, "--security_protocol", "SSL", "--ssl_cafile", str(files.ca)]
+@pytest.mark.parametrize("listener", LISTENERS)
+def test_tools_replay_record_simulate_and_inspect_over_tls_and_sasl(secured, listener, topic_names, tmp_path, capsys):
+    flags = secured.flags(listener)
     original = tmp_path / "original.avro"
     write_events(original, (e for e, _ in simulator.LineSimulator(simulator.SimulatorConfig(devices=3)).take(60)))
 
     _run_tool("beam_jobs.replay", "--input", str(original), "--topic", topic_names("in"), "--topic_partitions", "2",
-              *tls_flags)
+              *flags)
     recorded = tmp_path / "recorded.avro"
     assert "wrote 60 events" in _run_tool("beam_jobs.record", "--topic", topic_names("in"), "--output",
-                                          str(recorded), *tls_flags)
+                                          str(recorded), *flags)
     by_id = lambda events: sorted(events, key=lambda e: e["event_id"])  # noqa: E731
     assert by_id(read_events(recorded)) == by_id(read_events(original))
 
-    tls = KafkaConfig(bootstrap, security=KafkaSecurity("SSL", ssl_cafile=str(files.ca)))
-    ensure_topics(tls, [topic_names("simulated")], partitions=1)
-    simulator.main(["--topic", topic_names("simulated"), "--events", "5", "--devices", "2", *tls_flags])
+    ensure_topics(_secured_config(secured, listener), [topic_names("simulated")], partitions=1)
+    simulator.main(["--topic", topic_names("simulated"), "--events", "5", "--devices", "2", *flags])
     capsys.readouterr()
     inspect_tool.main(["--topic", topic_names("simulated"), "--schema", EVENT, "--from-beginning", "--max_records", "5",
-                  *tls_flags])
+                       *flags])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [e["event_id"] for e in printed] == [e["event_id"] for e, _ in simulator.LineSimulator(
         simulator.SimulatorConfig(devices=2)).take(5)]
 
 
 @pytest.mark.slow
-def test_run_local_over_tls_feeds_and_scores_through_the_job(tls_broker, tmp_path, monkeypatch, capsys):
-    bootstrap, files = tls_broker
-    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", bootstrap)
-    # The job can reach this broker only if run_local.sh hands it the flags.
+def test_run_local_over_sasl_feeds_and_scores_through_the_job(secured, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KAFKA_BOOTSTRAP_SERVERS", secured.bootstrap("SASL_SSL"))
+    # The job can reach this listener only if run_local.sh hands it the flags, and the password variable's name.
     assert local_run.main(["--events", "200", "--devices", "2", "--speed", "200", "--timeout_s", "120",
-                           "--log", str(tmp_path / "job.log"), "--security_protocol", "SSL", "--ssl_cafile",
-                           str(files.ca), "--", "--metrics_port", "0"]) == 0, (tmp_path / "job.log").read_text()
+                           "--log", str(tmp_path / "job.log"), *secured.flags("SASL_SSL")[2:],
+                           "--", "--metrics_port", "0"]) == 0, (tmp_path / "job.log").read_text()
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert summary["scores_out"] >= 200 and summary["bootstrap_servers"] == bootstrap
+    assert summary["scores_out"] >= 200 and summary["bootstrap_servers"] == secured.bootstrap("SASL_SSL")
 
 
 def test_pseudonyms_are_keyed_hmacs_and_need_their_key(monkeypatch):

@@ -7,7 +7,6 @@ security settings are passed the same way to every client.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, NamedTuple, Optional
@@ -15,14 +14,27 @@ from typing import Iterable, Iterator, NamedTuple, Optional
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import KafkaError, TopicAlreadyExistsError, TopicAuthorizationFailedError
 from kafka.structs import OffsetAndMetadata
+
+from transforms.kafka_security import (  # noqa: F401  (re-exported: the tools import them from here)
+    SASL_MECHANISMS,
+    SECURITY_PROTOCOLS,
+    KafkaAuthenticationFailed,
+    KafkaNotAuthorized,
+    KafkaSecurity,
+    KafkaSecurityError,
+    explain_denials,
+    login_refused,
+    not_authorized,
+    principal,
+    refused_logins,
+    secret_from_env,
+)
 
 _LOG = logging.getLogger(__name__)
 
 START_FROM_CHOICES = ("committed", "earliest", "latest")
-SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
 class BrokerUnavailable(RuntimeError):
@@ -31,67 +43,6 @@ class BrokerUnavailable(RuntimeError):
 
 class UnknownPartitions(ValueError):
     """A partition was asked for that the topic does not have."""
-
-
-class KafkaSecurityError(ValueError):
-    """Security settings that cannot work; the message names the setting, never a secret."""
-
-
-@dataclass(frozen=True)
-class KafkaSecurity:
-    """TLS and SASL settings for every client.
-
-    It holds no secret, so it can be logged, pickled into DoFns and shipped to
-    workers: the SASL password is read from the environment variable named by
-    ``sasl_password_env`` each time a client is created, on the worker that
-    creates it.
-    """
-
-    protocol: str = "PLAINTEXT"
-    ssl_cafile: Optional[str] = None
-    ssl_certfile: Optional[str] = None
-    ssl_keyfile: Optional[str] = None
-    sasl_mechanism: Optional[str] = None
-    sasl_username: Optional[str] = None
-    sasl_password_env: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.protocol not in SECURITY_PROTOCOLS:
-            raise KafkaSecurityError(f"security protocol must be one of {SECURITY_PROTOCOLS}, not {self.protocol!r}")
-        if self.uses_sasl and not (self.sasl_mechanism and self.sasl_username and self.sasl_password_env):
-            raise KafkaSecurityError(
-                f"{self.protocol} needs --sasl_mechanism, --sasl_username and --sasl_password_env")
-        if self.uses_sasl and self.sasl_mechanism not in SASL_MECHANISMS:
-            raise KafkaSecurityError(f"SASL mechanism must be one of {SASL_MECHANISMS}, not {self.sasl_mechanism!r}")
-        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
-            raise KafkaSecurityError("a client certificate needs both --ssl_certfile and --ssl_keyfile")
-
-    @property
-    def uses_sasl(self) -> bool:
-        return self.protocol.startswith("SASL_")
-
-    @property
-    def uses_tls(self) -> bool:
-        return self.protocol.endswith("SSL")
-
-    def client_kwargs(self) -> dict:
-        """kafka-python's security settings; reads the SASL password from the environment now."""
-        kwargs: dict = {"security_protocol": self.protocol}
-        if self.uses_tls:
-            files = {"ssl_cafile": self.ssl_cafile, "ssl_certfile": self.ssl_certfile, "ssl_keyfile": self.ssl_keyfile}
-            kwargs.update({name: path for name, path in files.items() if path})
-        if self.uses_sasl:
-            kwargs.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.sasl_username,
-                          sasl_plain_password=secret_from_env(self.sasl_password_env))
-        return kwargs
-
-
-def secret_from_env(name: str) -> str:
-    """The value of environment variable `name`; an error that names the variable, not a value, if unset."""
-    value = os.environ.get(name)
-    if not value:
-        raise KafkaSecurityError(f"environment variable {name} is not set or empty")
-    return value
 
 
 @dataclass(frozen=True)
@@ -121,6 +72,25 @@ _FIRST_RETRY_S = 0.5
 _MAX_RETRY_S = 5.0
 
 
+def _built(client_class: type, config: KafkaConfig, **kwargs):
+    """A kafka-python client; KafkaAuthenticationFailed if it could not bootstrap because the broker refused its login.
+
+    The broker's refusal and its closing of the connection race: a client sees
+    one or the other, so one attempt may only see connections closed.
+    """
+    with refused_logins() as refused:
+        try:
+            return client_class(**config.client_kwargs(), **kwargs)
+        except (KafkaError, OSError):
+            if refused.reason:  # a wrong password stays wrong: no retries
+                raise login_refused(config.bootstrap_servers, config.security, refused.reason) from None
+            raise
+
+
+def _admin_attempt(config: KafkaConfig, bootstrap_s: float) -> KafkaAdminClient:
+    return _built(KafkaAdminClient, config, request_timeout_ms=10000, bootstrap_timeout_ms=int(bootstrap_s * 1000))
+
+
 def make_admin(config: KafkaConfig, timeout_s: float = 10.0) -> KafkaAdminClient:
     """An admin client, once the broker answers.
 
@@ -134,9 +104,7 @@ def make_admin(config: KafkaConfig, timeout_s: float = 10.0) -> KafkaAdminClient
     while True:
         attempt_s = min(_MAX_RETRY_S, max(1.0, deadline - time.monotonic()))
         try:
-            return KafkaAdminClient(
-                **config.client_kwargs(), request_timeout_ms=10000, bootstrap_timeout_ms=int(attempt_s * 1000)
-            )
+            return _admin_attempt(config, attempt_s)
         except (KafkaError, OSError) as e:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -151,25 +119,44 @@ def make_admin(config: KafkaConfig, timeout_s: float = 10.0) -> KafkaAdminClient
             delay = min(2 * delay, _MAX_RETRY_S)
 
 
+def _check_login(config: KafkaConfig) -> None:
+    """With SASL, one quick login first, so a wrong password usually fails in seconds with the reason.
+
+    Without it a consumer or producer spends its whole bootstrap timeout (30 s)
+    retrying the refused login before it reports it. It costs one
+    more connection per client (a job makes a handful, at start). Any other
+    failure is left to the client itself, which waits for a broker as before.
+    """
+    if not config.security.uses_sasl:
+        return
+    try:
+        _admin_attempt(config, _MAX_RETRY_S).close()
+    except (KafkaError, OSError):
+        pass
+
+
 def make_consumer(config: KafkaConfig, group_id: str | None = None, **kwargs) -> KafkaConsumer:
     """A consumer for manual assignment; it never joins a group rebalance."""
-    return KafkaConsumer(**config.client_kwargs(), group_id=group_id, enable_auto_commit=False, **kwargs)
+    _check_login(config)
+    return _built(KafkaConsumer, config, group_id=group_id, enable_auto_commit=False, **kwargs)
 
 
 def make_producer(config: KafkaConfig, **kwargs) -> KafkaProducer:
     """A producer that waits for every in-sync replica to acknowledge each record."""
     defaults = {"acks": "all", "enable_idempotence": False, "linger_ms": 5, "batch_size": 256 * 1024, "retries": 10}
-    return KafkaProducer(**config.client_kwargs(), **{**defaults, **kwargs})
+    _check_login(config)
+    return _built(KafkaProducer, config, **{**defaults, **kwargs})
 
 
 def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 4, timeout_s: float = 10.0) -> None:
     """Creates the topics that do not exist yet; existing ones are left alone."""
     admin = make_admin(config, timeout_s)
     try:
-        missing = sorted(set(topics) - set(admin.list_topics()))
+        missing = sorted(set(topics) - set(admin.list_topics()))  # topics it may not describe are missing too
         if missing:
             try:
-                admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+                with explain_denials(config.bootstrap_servers, config.security, f"create or describe topic(s) {', '.join(missing)}"):
+                    admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
             except TopicAlreadyExistsError:
                 pass
             _LOG.info("created topics %s with %d partitions", missing, partitions)
@@ -203,14 +190,39 @@ def end_offsets(consumer: KafkaConsumer, partitions: list[TopicPartition]) -> di
 
 
 def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) -> list[TopicPartition]:
+    """The topic's partitions, once the broker reports them; a topic the client may not describe is an error at once."""
     deadline = time.monotonic() + timeout_s
+    asked_for_topic = False
     while True:
         parts = consumer.partitions_for_topic(topic)
         if parts:
             return [TopicPartition(topic, p) for p in sorted(parts)]
+        if not asked_for_topic:
+            asked_for_topic = True
+            _check_topic_described(consumer, topic)
         if time.monotonic() >= deadline:
             raise BrokerUnavailable(f"topic {topic!r} has no partitions at {consumer.config['bootstrap_servers']}")
         time.sleep(0.2)
+
+
+def _check_topic_described(consumer: KafkaConsumer, topic: str) -> None:
+    """Asks the broker about this one topic with the consumer's settings; KafkaNotAuthorized if it refuses.
+
+    A consumer asks for every topic's metadata, and the broker silently leaves
+    out the ones this principal may not describe: without this question a
+    missing right looks like a missing topic.
+    """
+    settings = {key: value for key, value in consumer.config.items() if key in KafkaAdminClient.DEFAULT_CONFIG}
+    admin = KafkaAdminClient(**settings)
+    try:
+        (described,) = admin.describe_topics([topic])
+    finally:
+        admin.close()
+    if described["error_code"] == TopicAuthorizationFailedError.errno:
+        c = consumer.config
+        who = principal(c["security_protocol"], c["sasl_mechanism"], c["sasl_plain_username"])
+        raise not_authorized(who, f"describe topic {topic!r}", ",".join(c["bootstrap_servers"]),
+                             TopicAuthorizationFailedError.__name__)
 
 
 def read_topic(config: KafkaConfig, topic: str) -> Iterator[ConsumerRecord]:
@@ -233,7 +245,8 @@ def commit_end_offsets(config: KafkaConfig, topic: str, group_id: str) -> None:
     consumer = make_consumer(config, group_id=group_id)
     try:
         ends = end_offsets(consumer, partitions_of(consumer, topic))
-        consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in ends.items()})
+        with explain_denials(config.bootstrap_servers, config.security, f"commit offsets of topic {topic!r} for consumer group {group_id!r}"):
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in ends.items()})
     finally:
         consumer.close()
 
@@ -259,7 +272,8 @@ def resolve_partitions(
             if start_from == "latest":
                 start = latest[tp]
             elif start_from == "committed":
-                committed = consumer.committed(tp)
+                with explain_denials(config.bootstrap_servers, config.security, f"read the offsets of consumer group {group_id!r}"):
+                    committed = consumer.committed(tp)
                 start = earliest[tp] if committed is None else min(max(committed, earliest[tp]), latest[tp])
             descriptors.append(PartitionDescriptor(topic, tp.partition, start, latest[tp] if bounded else None))
         return descriptors
