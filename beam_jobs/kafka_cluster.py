@@ -163,7 +163,9 @@ class KafkaCluster:
         self.tls = make_certificates(tls_folder, ca_name="sensor-scoring Kafka CA")
         keystore = tls_folder / "broker-keystore.pem"  # Kafka's PEM keystore: the key, then the certificate
         keystore.write_bytes(self.tls.key.read_bytes() + self.tls.cert.read_bytes())
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = "-"
+        while cluster_id.startswith("-"):  # StorageTool would take a leading "-" for an option
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         for node in self.nodes:
             shutil.rmtree(node.folder, ignore_errors=True)  # always a fresh cluster: storage is formatted anew
             node.folder.mkdir(parents=True)

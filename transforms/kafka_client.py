@@ -142,21 +142,33 @@ def make_consumer(config: KafkaConfig, group_id: str | None = None, **kwargs) ->
 
 
 def make_producer(config: KafkaConfig, **kwargs) -> KafkaProducer:
-    """A producer that waits for every in-sync replica to acknowledge each record."""
-    defaults = {"acks": "all", "enable_idempotence": False, "linger_ms": 5, "batch_size": 256 * 1024, "retries": 10}
+    """A producer that waits for every in-sync replica to acknowledge each record, retrying until it does.
+
+    Idempotent, with retries bounded by time (2 min) rather than count: when
+    a partition leader dies its records are re-sent to the new leader once
+    the controller has moved leadership, without duplicates or reordering on
+    the broker. Ten retries (the old setting) ran out in about a second, long
+    before a dead broker is fenced (9 s by default), and failed the bundle.
+    """
+    defaults = {"acks": "all", "enable_idempotence": True, "retries": float("inf"), "delivery_timeout_ms": 120_000,
+                "linger_ms": 5, "batch_size": 256 * 1024}
     _check_login(config)
     return _built(KafkaProducer, config, **{**defaults, **kwargs})
 
 
 def ensure_topics(config: KafkaConfig, topics: Iterable[str], partitions: int = 4, timeout_s: float = 10.0) -> None:
-    """Creates the topics that do not exist yet; existing ones are left alone."""
+    """Creates the topics that do not exist yet, replicated as the broker's ``default.replication.factor`` says.
+
+    Existing ones are left alone. Replication factor 1, as before, would have
+    left every topic the job creates on a production cluster without replicas.
+    """
     admin = make_admin(config, timeout_s)
     try:
         missing = sorted(set(topics) - set(admin.list_topics()))  # topics it may not describe are missing too
         if missing:
             try:
                 with explain_denials(config.bootstrap_servers, config.security, f"create or describe topic(s) {', '.join(missing)}"):
-                    admin.create_topics([NewTopic(t, partitions, 1) for t in missing])
+                    admin.create_topics([NewTopic(t, partitions, -1) for t in missing])
             except TopicAlreadyExistsError:
                 pass
             _LOG.info("created topics %s with %d partitions", missing, partitions)
@@ -194,7 +206,12 @@ def partitions_of(consumer: KafkaConsumer, topic: str, timeout_s: float = 10.0) 
     deadline = time.monotonic() + timeout_s
     asked_for_topic = False
     while True:
-        parts = consumer.partitions_for_topic(topic)
+        try:
+            parts = consumer.partitions_for_topic(topic)
+        except KafkaError as e:  # kafka-python asks a node it knew, even a dead one, and raises its connection error
+            if not e.retriable or time.monotonic() >= deadline:
+                raise
+            parts = None
         if parts:
             return [TopicPartition(topic, p) for p in sorted(parts)]
         if not asked_for_topic:
