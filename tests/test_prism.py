@@ -1,0 +1,74 @@
+"""The job on Prism, Beam's portable runner in Go: the in-process runner's scores, byte for byte.
+
+``--runner PrismRunner`` with no other flag: scripts/fetch_prism.sh (run by
+scripts/ensure_venv.sh) builds Prism once and beam_jobs/prism_runner.py
+finds it. The workers are LOOPBACK, in this process (the streaming test:
+in the job's process). Prism calls bundle finalizers in batch and in
+streaming, so offsets are committed in both.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from beam_jobs import sensor_scoring
+from beam_jobs.prism_runner import prism_binary
+from beam_jobs.replay import replay
+from tests.runner_helpers import (
+    EVENTS,
+    JobProcess,
+    all_committed,
+    assert_identical,
+    file_scores,
+    kafka_job_args,
+    kafka_scores,
+    no_runner_left_behind,  # noqa: F401 (a fixture)
+    record_line,
+    score_files,
+)
+
+PRISM = ["--runner", "PrismRunner", "--environment_type", "LOOPBACK"]
+pytestmark = pytest.mark.usefixtures("no_runner_left_behind")
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory) -> Path:
+    assert Path(prism_binary()).exists(), f"no Prism at {prism_binary()}: run scripts/fetch_prism.sh"
+    return record_line(tmp_path_factory.mktemp("recording") / "line.avro")
+
+
+def test_file_mode_on_prism_scores_byte_identical_to_the_in_process_runner(recording, tmp_path):
+    direct = score_files(recording, tmp_path / "direct")
+    prism = score_files(recording, tmp_path / "prism", *PRISM)
+    assert_identical(file_scores(direct), file_scores(prism))
+
+
+def test_bounded_kafka_job_on_prism_scores_like_the_in_process_runner_and_commits_the_end_offsets(
+        recording, tmp_path, kafka_config, topic_names):
+    replay([recording], kafka_config, topic_names("in"), partitions=2)
+    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded"])
+    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "prism"), "--bounded", *PRISM])
+    assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
+                     kafka_scores(kafka_config, topic_names("prism-scores")))
+    # Bundle finalizers ran: the group is at the end offsets (the in-process runner's is too).
+    assert all_committed(kafka_config, topic_names("in"), topic_names("prism-group"))
+    assert all_committed(kafka_config, topic_names("in"), topic_names("direct-group"))
+
+
+@pytest.mark.slow
+def test_streaming_job_on_prism_scores_and_commits_while_it_runs(recording, tmp_path, kafka_config, topic_names):
+    replay([recording], kafka_config, topic_names("in"), partitions=2)
+    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded"])
+    job = JobProcess([*kafka_job_args(kafka_config, topic_names, "prism"), *PRISM], tmp_path / "job.log")
+    try:
+        job.wait_for(lambda: len(kafka_scores(kafka_config, topic_names("prism-scores"))) == EVENTS, 90,
+                     "score for every event")
+        job.wait_for(lambda: all_committed(kafka_config, topic_names("in"), topic_names("prism-group")), 30,
+                     "commit of the end offsets")
+        assert job.process.poll() is None, "a streaming job runs until stopped"
+    finally:
+        job.stop()
+    assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
+                     kafka_scores(kafka_config, topic_names("prism-scores")))
