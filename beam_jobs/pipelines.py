@@ -34,6 +34,17 @@ def runs_in_process(runner: Optional[str]) -> bool:
     return runner is None or runner.split(".")[-1] in IN_PROCESS_RUNNERS
 
 
+def in_process_streaming(options: PipelineOptions) -> bool:
+    """Whether the job takes the in-process runner's streaming workarounds (transforms/in_process_runner.py).
+
+    The one place that decides it: a streaming pipeline on the in-process
+    runner. Bounded runs there, and every other runner, keep Beam's
+    semantics and take the plain path.
+    """
+    standard = options.view_as(StandardOptions)
+    return bool(standard.streaming) and runs_in_process(standard.runner)
+
+
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline for `options`, on the FnApiRunner without a state cache when it runs in this process."""
     runner = options.view_as(StandardOptions).runner

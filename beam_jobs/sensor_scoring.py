@@ -34,7 +34,7 @@ from beam_jobs.drift_output import write_drift
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config, watermark_policy
-from beam_jobs.pipelines import new_pipeline, run_to_end
+from beam_jobs.pipelines import in_process_streaming, new_pipeline, run_to_end
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError
 from models.rollout import RolloutError
@@ -63,7 +63,8 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     config = kafka_config(opts)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(
         config, partitions, event_time_of=EventTimeReader(opts.wire_format), policy=watermark_policy(opts))
-    decoded, messages = records | "ScoreRecords" >> scoring_transform(opts, audit=bool(opts.audit_topic))
+    scoring = scoring_transform(opts, audit=bool(opts.audit_topic), in_process=in_process_streaming(pipeline.options))
+    decoded, messages = records | "ScoreRecords" >> scoring
     topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
     if opts.audit_topic:
         topics[AUDIT] = opts.audit_topic
@@ -74,15 +75,19 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
         | "Write" >> WriteToKafka(config, topics)
         | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     )
-    write_drift(decoded, messages, opts, config)
+    write_drift(decoded, messages, pipeline.options, config)
 
 
-def scoring_transform(opts: SensorScoringOptions, audit: bool = False) -> ScoreSensorRecords:
-    """The scoring path both modes run, configured from the options; audit records only to Kafka."""
+def scoring_transform(opts: SensorScoringOptions, audit: bool = False, in_process: bool = False) -> ScoreSensorRecords:
+    """The scoring path both modes run, configured from the options; audit records only to Kafka.
+
+    `in_process`: streaming on the in-process runner (beam_jobs.pipelines.in_process_streaming).
+    """
     return ScoreSensorRecords(
         rollout=rollout_config(opts), state_ttl_s=opts.state_ttl_s, max_batch_size=opts.max_batch_size,
         wire_format=opts.wire_format, inference_device=opts.inference_device,
         pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit, policy=watermark_policy(opts),
+        in_process_streaming=in_process,
     )
 
 

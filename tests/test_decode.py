@@ -136,7 +136,15 @@ def _valid(record: KafkaRecord, event: dict) -> ValidEvent:
 
 
 def _split(outputs) -> tuple[beam.PCollection, beam.PCollection]:
-    """(valid events, rejected records) of DecodeEvents' one keyed stream, checking the keys on the way."""
+    """(valid events, rejected records) of DecodeEvents' outputs, checking the keys on the way.
+
+    `outputs` is the keyed stream with the ``dead_letters`` output, or, with
+    rejected_inline (the in-process runner's streaming path), one keyed stream.
+    """
+    if isinstance(outputs, beam.pvalue.DoOutputsTuple):
+        keyed, dead_letters = outputs
+        events, _ = _split(keyed)
+        return events, dead_letters
 
     def items_of(element):
         key, item = element
@@ -155,14 +163,15 @@ def _split(outputs) -> tuple[beam.PCollection, beam.PCollection]:
 
 def _device_events(outputs) -> beam.PCollection:
     """(device_id, [event_id, ...], timestamp ms) of each DeviceEvents element."""
-    return (outputs
+    keyed = outputs["events"] if isinstance(outputs, beam.pvalue.DoOutputsTuple) else outputs
+    return (keyed
             | "DeviceEvents" >> beam.Filter(lambda element: isinstance(element[1], DeviceEvents))
             | "Ids" >> beam.Map(lambda element, ts=beam.DoFn.TimestampParam:
                                 (element[0], [e.event_id for e in element[1].events], ts.micros // 1000)))
 
 
-@pytest.mark.parametrize("wire", ["plain", "confluent"])
-def test_decode_events_splits_valid_events_from_dead_letters(wire):
+@pytest.mark.parametrize("wire, inline", [("plain", False), ("confluent", False), ("plain", True)])
+def test_decode_events_splits_valid_events_from_dead_letters(wire, inline):
     encode = AvroEncoder(EVENT, wire)
     good = [
         _event(),
@@ -183,7 +192,7 @@ def test_decode_events_splits_valid_events_from_dead_letters(wire):
                         + [(_source(r), _letter(r, STAGE_DECODE), m) for r, m in garbage])
 
     with BeamTestPipeline(runner="FnApiRunner") as p:
-        outputs = p | beam.Create(_polls(records)) | DecodeEvents(wire)
+        outputs = p | beam.Create(_polls(records)) | DecodeEvents(wire, rejected_inline=inline)
         events, rejected = _split(outputs)
         assert_that(events, equal_to([_valid(r, e) for r, e in zip(good_records, good)]), label="events")
         # press-1's two events are one element, stamped with the earlier event time (e-3's).
@@ -199,10 +208,11 @@ def test_each_record_leaves_exactly_once():
                for i in range(1, 61)]
     with BeamTestPipeline(runner="FnApiRunner") as p:
         outputs = p | beam.Create(_polls(records)) | DecodeEvents()
-        offsets = outputs | "AllOffsets" >> beam.FlatMap(
-            lambda element: [e.source.offset for e in getattr(element[1], "events", (element[1],))])
+        events, rejected = _split(outputs)
+        offsets = ((events | "EventOffsets" >> beam.Map(lambda e: e.source.offset),
+                    rejected | "LetterOffsets" >> beam.Map(lambda letter: letter.source.offset))
+                   | "AllOffsets" >> beam.Flatten())
         assert_that(offsets, equal_to(list(range(1, 61))), label="all offsets once")
-        _, rejected = _split(outputs)
         letters = rejected | "Offsets" >> beam.Map(lambda letter: letter.record["offset"])
         assert_that(letters, equal_to(list(range(3, 61, 3))), label="every third is out of range")
 

@@ -1,4 +1,10 @@
-"""Per-device state: the plain logic, and its timers under a real watermark (EventStream)."""
+"""Per-device state: the plain logic, and its timers under a real watermark (EventStream).
+
+DeviceStateDoFn is what runners that fire timers on time run;
+EvidenceDeviceStateDoFn (transforms/in_process_runner.py) what the
+in-process runner runs in streaming, where timers fire early: most timer
+tests here drive the latter with early or lagging watermarks on purpose.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,8 @@ from apache_beam.transforms.window import TimestampedValue
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from models.rollout import RolloutConfig
 from transforms.decode import DeviceEvents, ValidEvent
-from transforms.device_state import DeviceLogic, DeviceStateDoFn, KeepDeviceState
+from transforms.device_state import DeviceLogic, DeviceStateDoFn
+from transforms.in_process_runner import EvidenceDeviceStateDoFn, KeepDeviceStateOnEvidence
 from transforms.offset_commits import SourcePosition
 
 TTL_S = 10
@@ -95,8 +102,8 @@ class _KeepModelInputs(beam.DoFn):
         _KeepModelInputs.seen[context.event.event_id] = np.asarray(model_input)
 
 
-def _model_inputs(stream: EventStream) -> dict:
-    """Runs DeviceStateDoFn on TestStream (BundleBasedDirectRunner); head rows by event_id."""
+def _model_inputs(stream: EventStream, device_state=EvidenceDeviceStateDoFn) -> dict:
+    """Runs `device_state` on TestStream (BundleBasedDirectRunner); head rows by event_id."""
     options = PipelineOptions([])
     options.view_as(StandardOptions).streaming = True
     _KeepModelInputs.seen = {}
@@ -105,10 +112,30 @@ def _model_inputs(stream: EventStream) -> dict:
             pipeline
             | stream
             | beam.Map(_keyed).with_output_types(Tuple[str, Any])
-            | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S))
+            | beam.ParDo(device_state(ROLLOUT, TTL_S))
             | beam.ParDo(_KeepModelInputs())
         )
     return dict(_KeepModelInputs.seen)
+
+
+def _late_a_after(watermark_s: int) -> EventStream:
+    """a at 1 and 2 s (reclaim time 12 s); b read with watermark 20 s; the watermark at `watermark_s`; then a
+    late a-5000, read with watermark 20 s too."""
+    return (EventStream()
+            .add_elements([_ts(event("a", 1000, 0)), _ts(event("a", 2000, 1))])
+            .add_elements([_ts(event("b", 25_000, 2, source_watermark_ms=20_000))])
+            .advance_watermark_to(watermark_s)
+            .add_elements([_ts(event("a", 5000, 3, source_watermark_ms=20_000))])
+            .advance_watermark_to_infinity())
+
+
+def test_on_time_timers_clear_state_without_changing_a_score():
+    """Whether a's timer fired before the late a-5000 (watermark 15 s) or not (10 s), a-5000 is read with a
+    watermark past a's reclaim time: it starts afresh either way."""
+    fired = _model_inputs(_late_a_after(15), DeviceStateDoFn)
+    not_yet = _model_inputs(_late_a_after(10), DeviceStateDoFn)
+    np.testing.assert_array_equal(fired["a-5000"], not_yet["a-5000"])
+    assert fired["a-5000"][-1] == 0.0
 
 
 def _rows_of(elements: list[tuple[str, DeviceEvents]]) -> dict:
@@ -179,7 +206,7 @@ def _live_devices_after(events: list[ValidEvent]) -> int:
     pipeline = beam.Pipeline(runner="FnApiRunner", options=PipelineOptions([]))
     _ = (pipeline
          | beam.Create([_keyed(e) for e in events]).with_output_types(Tuple[str, Any])
-         | beam.ParDo(DeviceStateDoFn(ROLLOUT, TTL_S)))
+         | beam.ParDo(EvidenceDeviceStateDoFn(ROLLOUT, TTL_S)))
     result = pipeline.run()
     result.wait_until_finish()
     query = beam.metrics.MetricsFilter().with_name("devices_with_live_state")
@@ -215,21 +242,15 @@ def test_timer_set_on_the_first_event_follows_the_device_and_reclaims_it_once_id
     assert rows["a-9500"][-1] == 0.0
 
 
-class _CountingFirings(DeviceStateDoFn):
-    """DeviceStateDoFn that counts timer firings on a state in a class attribute (TestStream runs report few
-    metrics): every firing that finds a state asks DeviceLogic.may_clear once."""
+class _CountingFirings(EvidenceDeviceStateDoFn):
+    """EvidenceDeviceStateDoFn that counts timer firings on a state in a class attribute (TestStream runs
+    report few metrics)."""
 
     fired = 0
 
-    def setup(self) -> None:
-        super().setup()
-        may_clear = self._logic.may_clear
-
-        def counted(state, source_watermark_ms: int) -> bool:
-            _CountingFirings.fired += 1
-            return may_clear(state, source_watermark_ms)
-
-        self._logic.may_clear = counted
+    def on_expiry(self, device_id, fire_ms, state, device, expiry) -> None:
+        _CountingFirings.fired += 1
+        super().on_expiry(device_id, fire_ms, state, device, expiry)
 
 
 def test_a_timer_fired_ahead_of_the_data_parks_the_device_instead_of_following_it():
@@ -273,10 +294,10 @@ def test_a_parked_device_is_cleared_when_its_partitions_evidence_passes_its_expi
     """b's record carries evidence 30 s past a's expiry (12 s): the wake-up step sends a check down a's key
     and a's state goes, so the late a-5000 starts afresh (kept, it would end a's calibration)."""
     woken = _run(_parked_then(event("b", 30_000, 2), event("a", 5000, 3)),
-                 lambda keyed: keyed | KeepDeviceState(ROLLOUT, TTL_S))
+                 lambda keyed: keyed | KeepDeviceStateOnEvidence(ROLLOUT, TTL_S))
     assert woken["a-5000"][-1] == 0.0
     kept = _run(_parked_then(event("b", 30_000, 2, source_watermark_ms=500), event("a", 5000, 3)),
-                lambda keyed: keyed | KeepDeviceState(ROLLOUT, TTL_S))
+                lambda keyed: keyed | KeepDeviceStateOnEvidence(ROLLOUT, TTL_S))
     assert kept["a-5000"][-1] > 0
 
 
@@ -285,6 +306,6 @@ def test_a_parked_device_with_events_since_is_parked_again_at_its_new_expiry():
     a-17000 continues its state; evidence 40 s then clears it, and a-20000 starts afresh."""
     rows = _run(_parked_then(event("a", 10_000, 2, 500), event("b", 16_000, 3), event("a", 17_000, 4, 500),
                              event("b", 40_000, 5), event("a", 20_000, 6, 500)),
-                lambda keyed: keyed | KeepDeviceState(ROLLOUT, TTL_S))
+                lambda keyed: keyed | KeepDeviceStateOnEvidence(ROLLOUT, TTL_S))
     assert rows["a-17000"][-1] > 0
     assert rows["a-20000"][-1] == 0.0

@@ -1,15 +1,16 @@
 """ComputeDrift in a real Beam pipeline: windows close on the watermark, drift runs trigger retraining.
 
-Under TestStream both closing rules of transforms/drift.py are checked: Beam
-windowing (bounded runs), and the live rule of streaming runs on the
-in-process runner, the watermark evidence the values carry, which cannot
-close the last window of a stream.
+Under TestStream both closing rules are checked: Beam windowing
+(transforms/drift.py), and the rule of streaming runs on the in-process
+runner, the watermark evidence the values carry, which cannot close the last
+window of a stream (transforms/in_process_runner.py).
 """
 
 from __future__ import annotations
 
 import apache_beam as beam
 import numpy as np
+import pytest
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
@@ -19,7 +20,9 @@ from apache_beam.transforms.window import TimestampedValue
 from models.drift_reference import SCORE_FEATURE, build_reference
 from schemas.serde import DRIFT, EVENT, RETRAIN, SCORE, AvroDecoder, AvroEncoder
 from transforms.decode import DecodeEvents
-from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, ComputeDrift
+from transforms.drift import DRIFT_STREAM, RETRAIN_STREAM, CloseDriftWindows, ComputeDrift
+from transforms.event_time import WatermarkPolicy
+from transforms.in_process_runner import CloseLiveDriftWindows
 from transforms.kafka_sink import SCORES, OutgoingMessage
 from transforms.kafka_source import KafkaRecord
 from transforms.offset_commits import SourcePosition
@@ -70,7 +73,8 @@ def decoded(stream_name: str):
     return beam.FlatMap(lambda m: [DECODE[stream_name](m.value)] if m.stream == stream_name else [])
 
 
-def run_drift(windows: int, shift_from_window: int, check_statistics, check_triggers, live=False) -> None:
+def run_drift(windows: int, shift_from_window: int, check_statistics, check_triggers, live=False,
+              allowed_lateness_ms: int = 0) -> None:
     options = PipelineOptions([])
     options.view_as(StandardOptions).streaming = True
     with TestPipeline(options=options) as p:
@@ -79,9 +83,12 @@ def run_drift(windows: int, shift_from_window: int, check_statistics, check_trig
                    | "Records" >> beam.Filter(lambda x: isinstance(x, KafkaRecord))
                    | "Polls" >> beam.Map(lambda record: (record,)))
         scores = mixed | "Scores" >> beam.Filter(lambda x: isinstance(x, OutgoingMessage))
-        events = records | DecodeEvents()
+        decode = records | DecodeEvents(rejected_inline=live)
+        events = decode if live else decode["events"]
+        close = CloseLiveDriftWindows if live else CloseDriftWindows
+        policy = WatermarkPolicy(allowed_lateness_ms=allowed_lateness_ms)
         readings, score_drift = (events, scores) | ComputeDrift(REFERENCE, window_s=60, retrain_after_windows=2,
-                                                               live=live)
+                                                               close=close, policy=policy)
         statistics = (readings | "R" >> decoded(DRIFT_STREAM), score_drift | "S" >> decoded(DRIFT_STREAM))
         triggers = (readings | "RT" >> decoded(RETRAIN_STREAM), score_drift | "ST" >> decoded(RETRAIN_STREAM))
         assert_that(statistics | "AllStatistics" >> beam.Flatten(), check_statistics, label="CheckStatistics")
@@ -92,7 +99,9 @@ def by_window(records: list[dict]) -> dict[tuple[int, str], dict]:
     return {((r["window_start"] - START_MS) // 60_000, r["feature"]): r for r in records}
 
 
-def test_shifted_feature_drifts_from_its_window_on_and_triggers_retraining_once():
+@pytest.mark.parametrize("allowed_lateness_ms", [0, 90_000])
+def test_shifted_feature_drifts_from_its_window_on_and_triggers_retraining_once(allowed_lateness_ms):
+    """With an allowed lateness, windows fire that much later, in windows offset as much: the same records."""
     def check_statistics(records):
         got = by_window(records)
         assert sorted(got) == [(w, f) for w in range(4) for f in (SCORE_FEATURE, "x", "y")]
@@ -107,7 +116,8 @@ def test_shifted_feature_drifts_from_its_window_on_and_triggers_retraining_once(
         assert triggers[0]["first_window_start"] == START_MS + 60_000
         assert triggers[0]["last_window_end"] == START_MS + 180_000
 
-    run_drift(windows=4, shift_from_window=1, check_statistics=check_statistics, check_triggers=check_triggers)
+    run_drift(windows=4, shift_from_window=1, check_statistics=check_statistics, check_triggers=check_triggers,
+              allowed_lateness_ms=allowed_lateness_ms)
 
 
 def test_unshifted_stream_has_no_drift_and_no_trigger():

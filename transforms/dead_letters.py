@@ -1,15 +1,19 @@
 """The dead-letter path: records that cannot be scored, with the reason, to their own topic.
 
-A rejected record travels down the same keyed path as the valid events, past
-the device state and RunInference untouched, so that it leaves the pipeline
-through the one sink whose acknowledgements drive the offset commits.
+Decode's rejected records become messages here and are flattened with the
+scores before the one sink, whose acknowledgements drive the offset commits.
+(Streaming on the in-process runner they ride the keyed stream instead:
+transforms/in_process_runner.py.)
 """
 
 from __future__ import annotations
 
 import time
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional
 
+import apache_beam as beam
+
+from schemas.serde import DEAD_LETTER, AvroEncoder
 from transforms.kafka_sink import DEAD_LETTERS, OutgoingMessage
 from transforms.offset_commits import SourcePosition, partition_key
 
@@ -45,3 +49,25 @@ def dead_letter_message(rejected: Rejected, encode: Callable[[dict], bytes]) -> 
     """The message for the dead-letter topic, keyed like the input record."""
     record = rejected.record
     return OutgoingMessage(DEAD_LETTERS, record["key"], encode(record), record["failed_at"], rejected.source)
+
+
+class _DeadLetterMessagesFn(beam.DoFn):
+    def __init__(self, wire_format: str):
+        self._wire_format = wire_format
+
+    def setup(self) -> None:
+        self._encode = AvroEncoder(DEAD_LETTER, self._wire_format)
+
+    def process(self, rejected: Rejected) -> Iterator[OutgoingMessage]:
+        yield dead_letter_message(rejected, self._encode)
+
+
+class DeadLetterMessages(beam.PTransform):
+    """Rejected records in, their dead-letter topic messages out."""
+
+    def __init__(self, wire_format: str = "plain"):
+        super().__init__()
+        self._wire_format = wire_format
+
+    def expand(self, rejected: beam.PCollection[Rejected]) -> beam.PCollection[OutgoingMessage]:
+        return rejected | "Encode" >> beam.ParDo(_DeadLetterMessagesFn(self._wire_format))

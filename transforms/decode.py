@@ -2,9 +2,10 @@
 
 The job never stops on bad input and never drops a valid event: each input
 record leaves this stage exactly once, as a ValidEvent in its device's
-:class:`DeviceEvents` or as a Rejected dead letter (keyed by its partition)
-that carries the original bytes and a readable reason. Both go down one keyed
-stream: see transforms/dead_letters.py for why.
+:class:`DeviceEvents` or as a Rejected dead letter that carries the original
+bytes and a readable reason, on the ``dead_letters`` output (streaming on the
+in-process runner: down the keyed stream, keyed by partition; see
+transforms/in_process_runner.py).
 
 Valid events leave grouped by device: each device's events of a bundle (up to
 ``MAX_BUFFERED_EVENTS`` at a time), in arrival order, as one element. Every
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple, Optional, Tuple, Union
 
 import apache_beam as beam
+from apache_beam.pvalue import TaggedOutput
 from apache_beam.utils.windowed_value import WindowedValue
 
 from schemas.serde import EVENT, AvroDecoder, SerdeError
@@ -113,13 +115,17 @@ def validation_error(event: dict, rules: ValidationRules, now_ms: int) -> Option
     return None
 
 
+DEAD_LETTERS_OUTPUT = "dead_letters"
+
+
 class _DecodeFn(beam.DoFn):
     def __init__(self, wire_format: str, rules: ValidationRules, pseudonymize_key_env: Optional[str],
-                 policy: WatermarkPolicy):
+                 policy: WatermarkPolicy, rejected_inline: bool = False):
         self._wire_format = wire_format
         self._rules = rules
         self._pseudonymize_key_env = pseudonymize_key_env  # the variable's name; the key is read in setup()
         self._policy = policy
+        self._rejected_inline = rejected_inline
         self._valid = beam.metrics.Metrics.counter(_METRICS, "events_valid")
         self._dead = beam.metrics.Metrics.counter(_METRICS, "dead_letters")
         self._late = beam.metrics.Metrics.counter(_METRICS, "late_events")
@@ -132,7 +138,7 @@ class _DecodeFn(beam.DoFn):
         self._by_device: dict[str, list[ValidEvent]] = {}
         self._buffered = 0
 
-    def process(self, records: RecordBatch) -> Iterator[Union[WindowedValue, tuple[str, Rejected]]]:
+    def process(self, records: RecordBatch) -> Iterator[Union[WindowedValue, tuple[str, Rejected], TaggedOutput]]:
         for record in records:
             rejected = self._take(record)
             if rejected is not None:
@@ -140,7 +146,7 @@ class _DecodeFn(beam.DoFn):
             elif self._buffered >= MAX_BUFFERED_EVENTS:
                 yield from self._device_events()
 
-    def _take(self, record: KafkaRecord) -> Optional[tuple[str, Rejected]]:
+    def _take(self, record: KafkaRecord) -> Optional[Union[TaggedOutput, tuple[str, Rejected]]]:
         """Buffers the record's event under its device, or returns its dead letter."""
         source = SourcePosition(record.topic, record.partition, record.offset, record.span_start)
         try:
@@ -173,17 +179,23 @@ class _DecodeFn(beam.DoFn):
         self._by_device.clear()
         self._buffered = 0
 
-    def _reject(self, record: KafkaRecord, source: SourcePosition, error: str, stage: str) -> tuple[str, Rejected]:
+    def _reject(self, record: KafkaRecord, source: SourcePosition, error: str, stage: str
+                ) -> Union[TaggedOutput, tuple[str, Rejected]]:
         self._dead.inc()
         beam.metrics.Metrics.counter(_METRICS, f"dead_letters_{stage}").inc()
         rejected = dead_letter(source, record.key, record.value, error, stage)
-        return rejected.routing_key, rejected
+        if self._rejected_inline:
+            return rejected.routing_key, rejected
+        return TaggedOutput(DEAD_LETTERS_OUTPUT, rejected)
 
 
 class DecodeEvents(beam.PTransform):
-    """RecordBatches in; (device_id, DeviceEvents) and (partition, Rejected) out.
+    """RecordBatches in; (device_id, DeviceEvents) out, and Rejected on the ``dead_letters`` output.
 
     DeviceEvents are timestamped with their earliest event time.
+    `rejected_inline` (streaming on the in-process runner only) sends the
+    Rejected down the keyed stream instead, as (partition, Rejected), and
+    returns that one stream.
 
     `pseudonymize_key_env` names the environment variable with the HMAC key
     that replaces device ids (transforms/pseudonymize.py); None keeps them.
@@ -192,14 +204,20 @@ class DecodeEvents(beam.PTransform):
     """
 
     def __init__(self, wire_format: str = "plain", rules: ValidationRules = ValidationRules(),
-                 pseudonymize_key_env: Optional[str] = None, policy: WatermarkPolicy = WatermarkPolicy()):
+                 pseudonymize_key_env: Optional[str] = None, policy: WatermarkPolicy = WatermarkPolicy(),
+                 rejected_inline: bool = False):
         super().__init__()
         self._wire_format = wire_format
         self._rules = rules
         self._pseudonymize_key_env = pseudonymize_key_env
         self._policy = policy
+        self._rejected_inline = rejected_inline
 
-    def expand(self, records: beam.PCollection[RecordBatch]) -> beam.PCollection[tuple[str, Any]]:
-        decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env, self._policy)
-        return records | "DecodeValidate" >> beam.ParDo(decode).with_output_types(Tuple[str, Any])
+    def expand(self, records: beam.PCollection[RecordBatch]):
+        decode = _DecodeFn(self._wire_format, self._rules, self._pseudonymize_key_env, self._policy,
+                           self._rejected_inline)
+        step = beam.ParDo(decode).with_output_types(Tuple[str, Any])
+        if self._rejected_inline:
+            return records | "DecodeValidate" >> step
+        return records | "DecodeValidate" >> step.with_outputs(DEAD_LETTERS_OUTPUT, main="events")
 

@@ -9,35 +9,33 @@ without a restart, and when a device's state survives a swap is
 :mod:`models.rollout`: the device keeps a detector state per model it is
 served by, and each event yields one model input per serving model.
 
-Ordering and lateness policy (documented in the README):
+Ordering, lateness and expiry (documented in the README):
 
 * Events of a device advance its LSTM one step each, in arrival order as long
   as event times do not go backwards.
 * An out-of-order event (event_time before the device's latest) is scored
   against the current state but does not advance it, so the state stays a
   function of the in-order events; it is counted in ``out_of_order_events``.
-* Expiry is decided by the event stream alone: when a device's next event is
-  ``state_ttl`` or more after its previous one, the state is reset first.
-* An event-time timer reclaims the memory of idle devices. It is set when a
-  device's state starts (its first event, or the first after a reset), at
-  ``first event + state_ttl``, not on every event: when it fires and the
-  device has had events since, it is re-armed at the current expiry,
-  ``last event + state_ttl``. The state is cleared only once the source
-  watermark carried by the device's partition has passed the expiry, so
-  clearing cannot change a score (:mod:`transforms.device_expiry`).
-* A firing whose partition evidence lags is re-armed later, backing off, at
-  most ``MAX_TIMER_REARMS`` times in the state's life. A firing ahead of
-  every source watermark this worker has seen (the in-process FnApiRunner
-  fires every timer of an unbounded source in its next round) and a firing
-  past the back-off park the device instead: it is cleared when its
-  partition's evidence passes its expiry, without a timer.
+* Expiry is decided by the event stream alone. The state is reset before an
+  event when the event comes ``state_ttl`` or more after the device's
+  previous one, or when its partition's watermark, as the event was read
+  with it, had passed the device's *reclaim time*: last event + TTL + the
+  allowed lateness (transforms/event_time.py). On time events that the
+  second rule resets, the first one resets too; it decides late events.
+* An event-time timer at the reclaim time frees the memory of idle devices.
+  It fires once the watermark has passed the reclaim time, so every event
+  the device can still receive resets its state anyway: clearing it then
+  changes no score, whenever the runner fires the timer. The timer is set
+  when a state starts, not on every event; a firing that finds events since
+  moves it to the current reclaim time. Runners that fire timers early (the
+  in-process runner in streaming) use the checks of
+  :mod:`transforms.in_process_runner` instead.
 """
 
 from __future__ import annotations
 
 import copy
-import uuid
-from typing import Any, Iterator, NamedTuple, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
@@ -50,15 +48,12 @@ from models.artifact import ModelArtifact
 from models.detector import DetectorState
 from models.preprocessing import readings_vector
 from models.rollout import ModelSource, RolloutConfig, ServedModel, ServingModel, fixed_models, watch_models
-from transforms.dead_letters import Rejected
 from transforms.decode import DeviceEvents, ValidEvent
-from transforms.device_expiry import ExpiryCheck, WakeParkedDevicesFn, evidence_for
 from transforms.live_stats import LIVE
 from transforms.offset_commits import partition_key
 from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "device_state"
-MAX_TIMER_REARMS = 8
 
 
 class DeviceState:
@@ -118,11 +113,12 @@ class StepResult(NamedTuple):
 
 
 class DeviceLogic:
-    """One device's life: on_event, expires_at, may_clear."""
+    """One device's life: on_event, reclaim_at, may_clear."""
 
-    def __init__(self, models: ModelSource, state_ttl_ms: int):
+    def __init__(self, models: ModelSource, state_ttl_ms: int, allowed_lateness_ms: int = 0):
         self._models = models
         self.state_ttl_ms = state_ttl_ms
+        self.allowed_lateness_ms = allowed_lateness_ms
 
     @classmethod
     def for_artifact(cls, artifact: ModelArtifact, state_ttl_ms: int, calibration_events: int,
@@ -135,13 +131,17 @@ class DeviceLogic:
         return self._models().models_for(device_id)
 
     def on_event(self, state: Optional[DeviceState], event_time: int, readings: dict, partition: str,
-                 device_id: str = "", models: Optional[tuple[ServingModel, ...]] = None) -> StepResult:
+                 device_id: str = "", models: Optional[tuple[ServingModel, ...]] = None,
+                 read_watermark_ms: Optional[int] = None) -> StepResult:
         """Prepares the event's model inputs and advances the state by one step.
 
         `models` is :meth:`models_for` the device, from a caller that steps
         several of its events at once and looks the roster up once for them.
+        `read_watermark_ms` is the event's partition watermark when it was read.
         """
-        reset = state is not None and event_time - state.last_event_time >= self.state_ttl_ms
+        reset = state is not None and (
+            event_time - state.last_event_time >= self.state_ttl_ms
+            or (read_watermark_ms is not None and self.may_clear(state, read_watermark_ms)))
         if state is None or reset:
             state = DeviceState()
         in_order = event_time >= state.last_event_time
@@ -171,32 +171,30 @@ class DeviceLogic:
         _, model_input, calibrating = stepped[serving.signature]
         return ModelStep(serving.served, model_input, imputed, calibrating)
 
-    def expires_at(self, state: DeviceState) -> int:
-        return state.last_event_time + self.state_ttl_ms
+    def reclaim_at(self, state: DeviceState) -> int:
+        """When the state may go: its last event + TTL + the allowed lateness."""
+        return state.last_event_time + self.state_ttl_ms + self.allowed_lateness_ms
 
     def may_clear(self, state: DeviceState, source_watermark_ms: int) -> bool:
-        """True when clearing now cannot change any on-time score."""
-        return self.expires_at(state) <= source_watermark_ms
+        """True when clearing now cannot change any score: every later event resets the state anyway."""
+        return self.reclaim_at(state) <= source_watermark_ms
 
 
 class DeviceStateDoFn(beam.DoFn):
     """Keyed by device_id: (device_id, DeviceEvents) in, (ScoringContext, model input row) per event out.
 
     The state is read once and written once per DeviceEvents, whatever the
-    number of events in it.
-
-    Rejected records (keyed by partition) pass through as (Rejected, None),
-    touching no state, on their way to the one sink. An ExpiryCheck (from
-    :class:`KeepDeviceState`'s wake-up step) yields nothing.
+    number of events in it. Its timer clears the state when it fires (see the
+    module docstring), as runners that keep Beam's timer semantics fire it.
     """
 
     DEVICE = ReadModifyWriteStateSpec("device", PickleCoder())
     EXPIRY = TimerSpec("expiry", TimeDomain.WATERMARK)
 
-    def __init__(self, rollout: RolloutConfig, state_ttl_s: float):
-        self.job_token = uuid.uuid4().hex  # pairs this DoFn with its wake-up step in each worker process
+    def __init__(self, rollout: RolloutConfig, state_ttl_s: float, allowed_lateness_s: float = 0.0):
         self._rollout = rollout
         self._state_ttl_ms = int(state_ttl_s * 1000)
+        self._allowed_lateness_ms = int(allowed_lateness_s * 1000)
         counter = beam.metrics.Metrics.counter
         self._events = counter(_METRICS, "events")
         self._out_of_order = counter(_METRICS, "out_of_order_events")
@@ -205,36 +203,32 @@ class DeviceStateDoFn(beam.DoFn):
         # Up on a device's first event, down when its state is reclaimed: the devices holding memory now.
         self._live_devices = counter(_METRICS, "devices_with_live_state")
         self._expired = counter(_METRICS, "state_expirations")
-        self._early_timers = counter(_METRICS, "early_timer_firings")
-        self._parked = counter(_METRICS, "devices_parked")
 
     def setup(self) -> None:
         skip_module_globals_scan()
-        self._logic = DeviceLogic(watch_models(self._rollout), self._state_ttl_ms)
-        self._evidence = evidence_for(self.job_token)
+        self._logic = DeviceLogic(watch_models(self._rollout), self._state_ttl_ms, self._allowed_lateness_ms)
 
     def process(
         self,
-        element: tuple[str, DeviceEvents | Rejected | ExpiryCheck],
+        element: tuple[str, DeviceEvents],
         device=beam.DoFn.StateParam(DEVICE),
         expiry=beam.DoFn.TimerParam(EXPIRY),
-    ) -> Iterator[tuple[ScoringContext | Rejected, np.ndarray | None]]:
-        device_id, payload = element
-        if isinstance(payload, Rejected):
-            yield payload, None
-            return
-        if isinstance(payload, ExpiryCheck):
-            self._check_parked(device_id, device)
-            return
+    ) -> Iterator[tuple[ScoringContext, np.ndarray]]:
+        device_id, device_events = element
+        yield from self._step(device_id, device_events, device, expiry)
+
+    def _step(self, device_id: str, device_events: DeviceEvents, device, expiry
+              ) -> Iterator[tuple[ScoringContext, np.ndarray]]:
+        """Steps the device through its events, in order, with one state read and one write."""
         state: Optional[DeviceState] = device.read()
         models = self._logic.models_for(device_id)  # once for the events of this element
-        for event in payload.events:
+        for event in device_events.events:
             partition = partition_key(event.source.topic, event.source.partition)
-            self._evidence.observe(partition, event.watermark_ms)
-            step = self._logic.on_event(state, event.event_time, event.readings, partition, device_id, models)
+            step = self._logic.on_event(state, event.event_time, event.readings, partition, device_id, models,
+                                        event.watermark_ms)
             self._count(state, step)
             if state is None or step.reset:  # a new state: later events leave the timer to move itself
-                expiry.set(Timestamp.of(self._logic.expires_at(step.state) / 1000))
+                expiry.set(Timestamp.of(self._logic.reclaim_at(step.state) / 1000))
             state = step.state
             for model_step in step.steps:
                 context = ScoringContext(event, model_step.imputed, model_step.calibrating, model_step.model)
@@ -252,23 +246,11 @@ class DeviceStateDoFn(beam.DoFn):
         if not step.in_order:
             self._out_of_order.inc()
 
-    def _clear_if_expired(self, state: DeviceState, device) -> bool:
-        if not self._logic.may_clear(state, self._evidence.watermark(state.partition)):
-            return False
+    def _reclaim(self, device) -> None:
         device.clear()
         self._expired.inc()
         self._live_devices.dec()
         LIVE.add("devices_expired")
-        return True
-
-    def _park(self, state: DeviceState, device_id: str) -> None:
-        self._parked.inc()
-        self._evidence.park(state.partition, self._logic.expires_at(state), device_id)
-
-    def _check_parked(self, device_id: str, device) -> None:
-        state: Optional[DeviceState] = device.read()
-        if state is not None and not self._clear_if_expired(state, device):
-            self._park(state, device_id)  # events since it was parked: wait for the new expiry
 
     @on_timer(EXPIRY)
     def expire(
@@ -279,36 +261,24 @@ class DeviceStateDoFn(beam.DoFn):
         expiry=beam.DoFn.TimerParam(EXPIRY),
     ) -> None:
         state: Optional[DeviceState] = device.read()
-        if state is None or self._clear_if_expired(state, device):
-            return
-        fire_ms = fire_time.micros // 1000
-        expires_ms = self._logic.expires_at(state)
-        if fire_ms > self._evidence.newest_watermark():  # fired ahead of all the data: the runner fires early
-            self._park(state, device_id)
-            return
-        if expires_ms > fire_ms:  # events since it was set: not due yet
-            expiry.set(Timestamp.of(expires_ms / 1000))
-            return
-        self._early_timers.inc()  # due, but the partition's evidence lags the watermark
-        if state.rearms < MAX_TIMER_REARMS:
-            state.rearms += 1
-            device.write(state)
-            expiry.set(Timestamp.of((fire_ms + self._logic.state_ttl_ms * 2**state.rearms) / 1000))
+        if state is not None:
+            self.on_expiry(device_id, fire_time.micros // 1000, state, device, expiry)
+
+    def on_expiry(self, device_id: str, fire_ms: int, state: DeviceState, device, expiry) -> None:
+        """The timer fired at `fire_ms` on a device with state: the watermark has passed it, so reclaim if due."""
+        reclaim_ms = self._logic.reclaim_at(state)
+        if reclaim_ms > fire_ms:  # events since it was set: not due yet
+            expiry.set(Timestamp.of(reclaim_ms / 1000))
         else:
-            self._park(state, device_id)
+            self._reclaim(device)
 
 
 class KeepDeviceState(beam.PTransform):
-    """DecodeEvents' keyed stream in, DeviceStateDoFn's output out, with parked devices woken on the way."""
+    """DecodeEvents' keyed stream in, DeviceStateDoFn's output out."""
 
-    def __init__(self, rollout: RolloutConfig, state_ttl_s: float):
+    def __init__(self, rollout: RolloutConfig, state_ttl_s: float, allowed_lateness_s: float = 0.0):
         super().__init__()
-        self._device_state = DeviceStateDoFn(rollout, state_ttl_s)
+        self._device_state = DeviceStateDoFn(rollout, state_ttl_s, allowed_lateness_s)
 
-    def expand(self, keyed: beam.PCollection[tuple[str, Any]]) -> beam.PCollection:
-        return (
-            keyed
-            | "WakeParkedDevices" >> beam.ParDo(WakeParkedDevicesFn(self._device_state.job_token))
-            .with_output_types(Tuple[str, Any])
-            | "Step" >> beam.ParDo(self._device_state)
-        )
+    def expand(self, keyed: beam.PCollection[tuple[str, DeviceEvents]]) -> beam.PCollection:
+        return keyed | "Step" >> beam.ParDo(self._device_state)

@@ -11,25 +11,13 @@ partial summaries on, not one element per value (transforms/drift_partials.py).
 When a window closes, each feature yields one DriftStatistics record (see
 ``drift_stats`` for PSI, KS and the thresholds).
 
-Two ways to close a window, chosen by ``live``:
-
-* Bounded runs (``live=False``) and TestStream: Beam windowing. Values go into
-  FixedWindows and a CombinePerKey; the runner fires each window as its
-  watermark passes the window end.
-* Streaming (``live=True``): the in-process FnApiRunner schedules a stage
-  behind a GroupByKey, Combine or Flatten only when its input watermark
-  reaches the end of time, so windowed combines emit nothing while a job
-  runs, and it fires event-time timers early (a timer 60 s ahead fired after
-  about 2 s). So a stateful DoFn keyed by feature, fed straight by the stage
-  before it and with no timer, keeps the open windows and closes them on
-  *evidence* carried by the values: per partition, the event-time watermark
-  its latest record was read with (scores carry their event's). The
-  fleet-wide evidence is the minimum over the partitions seen. A partition's
-  evidence counts only from the next bundle on: within a bundle, the
-  per-device shuffle of the scoring path reorders values, and a later bundle
-  holds none of an earlier one's. A window closes once every partition seen
-  has carried its watermark past the window's end plus the allowed lateness;
-  a partition that goes silent holds the windows open until it sends again.
+Windows close as Beam closes them: the partials go into FixedWindows and a
+CombinePerKey, which the runner fires once the watermark passes the window's
+end plus the allowed lateness (the partials are stamped that much later, in
+windows offset by as much, so the one on-time pane holds every value that
+is not late). Streaming on the in-process runner, which holds a combine's
+output back until the end of time, closes them on the values' watermark
+evidence instead (transforms/in_process_runner.py).
 
 Late events (transforms/event_time.py: behind their partition's watermark
 by more than the allowed lateness) are scored but left out of drift on both
@@ -42,8 +30,7 @@ Retrain trigger: per reading. When one reading drifts in ``retrain_after``
 consecutive windows (each starting where the last ended), one RetrainTrigger
 is emitted; the run must break (a window without drift, or without data)
 before that feature triggers again. Windows of one feature reach the trigger
-step in order: the runner fires them as the watermark passes their ends, and
-the live DoFn closes them in order. ``__score__`` drift is reported but
+step in order: the runner fires them as the watermark passes their ends. ``__score__`` drift is reported but
 triggers nothing: retraining answers input drift, and the score distribution
 also moves while devices warm up after a job start (their first windows score
 below the training reference, measured in tests/test_drift_job.py).
@@ -51,13 +38,12 @@ below the training reference, measured in tests/test_drift_job.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any, Iterator, NamedTuple, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
 from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
-from apache_beam.transforms.window import FixedWindows, GlobalWindows
+from apache_beam.transforms.window import FixedWindows, GlobalWindows, TimestampedValue
 
 from models.drift_reference import SCORE_FEATURE, DriftReference
 from schemas.serde import DRIFT, RETRAIN, AvroEncoder, ScoreHeadReader
@@ -70,7 +56,7 @@ from transforms.offset_commits import partition_key
 from transforms.state_cache import skip_module_globals_scan
 
 _METRICS = "drift"
-_NO_EVIDENCE = -(2**63)
+NO_EVIDENCE = -(2**63)
 DRIFT_STREAM = "drift"
 RETRAIN_STREAM = "retrain"
 
@@ -148,10 +134,10 @@ class _ScoreValueFn(beam.DoFn):
 
 
 def _evidence(watermark_ms: Optional[int]) -> int:
-    return _NO_EVIDENCE if watermark_ms is None else watermark_ms
+    return NO_EVIDENCE if watermark_ms is None else watermark_ms
 
 
-def _merged(reference: DriftReference, feature: str, summary: Optional[WindowSummary],
+def merged_summary(reference: DriftReference, feature: str, summary: Optional[WindowSummary],
             partial: PartialSummary) -> WindowSummary:
     """`summary` (a new one when None) with the partial's values added; the partial is left as it was."""
     summary = summary or WindowSummary.empty(reference.features[feature])
@@ -168,7 +154,7 @@ class _SummaryFn(beam.CombineFn):
         return None
 
     def add_input(self, summary: Optional[WindowSummary], partial: PartialSummary) -> WindowSummary:
-        return _merged(self._reference, partial.feature, summary, partial)
+        return merged_summary(self._reference, partial.feature, summary, partial)
 
     def merge_accumulators(self, summaries) -> Optional[WindowSummary]:
         merged = None
@@ -181,22 +167,22 @@ class _SummaryFn(beam.CombineFn):
         return summary
 
 
-class _Run(NamedTuple):
+class DriftRun(NamedTuple):
     first_window_start: int
     last_window_end: int
     windows: int
 
 
-def _extend(run: Optional[_Run], stats: dict) -> Optional[_Run]:
+def extend_run(run: Optional[DriftRun], stats: dict) -> Optional[DriftRun]:
     """The drift run this window continues or starts; None when it does not drift."""
     if not stats["drift"]:
         return None
     if run is None or run.last_window_end != stats["window_start"]:
-        return _Run(stats["window_start"], stats["window_end"], 1)
-    return _Run(run.first_window_start, stats["window_end"], run.windows + 1)
+        return DriftRun(stats["window_start"], stats["window_end"], 1)
+    return DriftRun(run.first_window_start, stats["window_end"], run.windows + 1)
 
 
-class _DriftRecords:
+class DriftRecords:
     """Statistics records and their messages, for both paths: one record format, one trigger rule, one set of metrics."""
 
     def __init__(self, reference: DriftReference, thresholds: DriftThresholds, retrain_after: int, wire_format: str):
@@ -229,7 +215,7 @@ class _DriftRecords:
             self._drifted.inc()
         return record
 
-    def messages(self, stats: dict, run: Optional[_Run]) -> Iterator[OutgoingMessage]:
+    def messages(self, stats: dict, run: Optional[DriftRun]) -> Iterator[OutgoingMessage]:
         """The record's message, and a RetrainTrigger's when `run` (this window's drift run) just got long enough."""
         key = stats["feature"].encode()
         yield OutgoingMessage(DRIFT_STREAM, key, self._encode_drift(stats), stats["window_end"], None)
@@ -243,15 +229,18 @@ class _DriftRecords:
 
 
 class _ToStatisticsFn(beam.DoFn):
-    """(feature, WindowSummary) of one window -> DriftStatistics record."""
+    """(feature, WindowSummary) of one window -> DriftStatistics record; windows are offset by the allowed lateness."""
 
-    def __init__(self, records: _DriftRecords):
+    def __init__(self, records: DriftRecords, allowed_lateness_ms: int):
         self._records = records
+        self._allowed_lateness_ms = allowed_lateness_ms
 
     def process(self, element: tuple[str, Optional[WindowSummary]], window=beam.DoFn.WindowParam) -> Iterator[dict]:
         feature, summary = element
         if summary is not None:
-            yield self._records.statistics(feature, window.start.micros // 1000, window.end.micros // 1000, summary)
+            start = window.start.micros // 1000 - self._allowed_lateness_ms
+            end = window.end.micros // 1000 - self._allowed_lateness_ms
+            yield self._records.statistics(feature, start, end, summary)
 
 
 class _DriftMessagesFn(beam.DoFn):
@@ -259,7 +248,7 @@ class _DriftMessagesFn(beam.DoFn):
 
     RUN = ReadModifyWriteStateSpec("run", PickleCoder())
 
-    def __init__(self, records: _DriftRecords):
+    def __init__(self, records: DriftRecords):
         self._records = records
 
     def setup(self) -> None:
@@ -268,7 +257,7 @@ class _DriftMessagesFn(beam.DoFn):
 
     def process(self, element: tuple[str, dict], run_state=beam.DoFn.StateParam(RUN)) -> Iterator[OutgoingMessage]:
         _, stats = element
-        run = _extend(run_state.read(), stats)
+        run = extend_run(run_state.read(), stats)
         if run is None:
             run_state.clear()
         else:
@@ -278,101 +267,6 @@ class _DriftMessagesFn(beam.DoFn):
 
 def _by_feature(stats: dict) -> tuple[str, dict]:
     return stats["feature"], stats
-
-
-class _WindowedDrift(beam.PTransform):
-    """Bounded runs: (feature, PartialSummary) in their windows -> drift and retrain OutgoingMessages, by Beam windows."""
-
-    def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords):
-        super().__init__()
-        self._reference = reference
-        self._window_s = window_s
-        self._records = records
-
-    def expand(self, values):
-        return (
-            values
-            | "FixedWindows" >> beam.WindowInto(FixedWindows(self._window_s))
-            | "Summarise" >> beam.CombinePerKey(_SummaryFn(self._reference))
-            | "Statistics" >> beam.ParDo(_ToStatisticsFn(self._records))
-            | "KeyByFeature" >> beam.Map(_by_feature).with_output_types(Tuple[str, Any])
-            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
-            | "ToMessages" >> beam.ParDo(_DriftMessagesFn(self._records))
-        )
-
-
-class _Evidence(NamedTuple):
-    """One partition's watermark evidence: what earlier bundles showed, and what the current one shows."""
-
-    committed: int
-    pending: int
-    bundle: str
-
-
-@dataclass
-class _FeatureWindows:
-    """Everything one feature keeps in streaming: open windows by start, how far it has closed, evidence, drift run."""
-
-    open: dict[int, WindowSummary] = field(default_factory=dict)
-    closed_through: int = _NO_EVIDENCE
-    evidence: dict[str, _Evidence] = field(default_factory=dict)
-    run: Optional[_Run] = None
-
-    def observe(self, partition: str, evidence_ms: int, bundle: str) -> None:
-        """Records a value's evidence; the previous bundle's evidence of its partition becomes usable."""
-        seen = self.evidence.get(partition, _Evidence(_NO_EVIDENCE, _NO_EVIDENCE, bundle))
-        if seen.bundle != bundle:
-            seen = _Evidence(max(seen.committed, seen.pending), _NO_EVIDENCE, bundle)
-        self.evidence[partition] = seen._replace(pending=max(seen.pending, evidence_ms))
-
-    def fleet_evidence(self) -> int:
-        """The usable evidence of the slowest partition seen."""
-        return min((e.committed for e in self.evidence.values()), default=_NO_EVIDENCE)
-
-
-class _LiveWindowsFn(beam.DoFn):
-    """Streaming, keyed by feature: PartialSummaries in; drift and retrain messages as the evidence closes windows.
-
-    No timer, no GroupByKey: see the module docstring for why and when a window closes.
-    """
-
-    WINDOWS = ReadModifyWriteStateSpec("windows", PickleCoder())
-
-    def __init__(self, reference: DriftReference, window_s: float, records: _DriftRecords, allowed_lateness_ms: int):
-        self._reference = reference
-        self._window_ms = int(window_s * 1000)
-        self._records = records
-        self._allowed_lateness_ms = allowed_lateness_ms
-        self._late = beam.metrics.Metrics.counter(_METRICS, "late_values")
-
-    def setup(self) -> None:
-        skip_module_globals_scan()
-        self._records.setup()
-
-    def process(self, element: tuple[str, PartialSummary],
-                state=beam.DoFn.StateParam(WINDOWS)) -> Iterator[OutgoingMessage]:
-        _, partial = element
-        windows: _FeatureWindows = state.read() or _FeatureWindows()
-        self._add(windows, partial)
-        windows.observe(partial.partition, partial.evidence_ms, partial.bundle)
-        yield from self._close(partial.feature, windows, windows.fleet_evidence() - self._allowed_lateness_ms)
-        state.write(windows)
-
-    def _add(self, windows: _FeatureWindows, partial: PartialSummary) -> None:
-        """Adds the values to their window, unless that window has closed (then they are counted late)."""
-        start = partial.window_start
-        if start + self._window_ms <= windows.closed_through:
-            self._late.inc(partial.summary.events)
-            return
-        windows.open[start] = _merged(self._reference, partial.feature, windows.open.get(start), partial)
-
-    def _close(self, feature: str, windows: _FeatureWindows, through_ms: int) -> Iterator[OutgoingMessage]:
-        """Closes, in order, the windows that end at or before `through_ms`."""
-        for start in sorted(s for s in windows.open if s + self._window_ms <= through_ms):
-            stats = self._records.statistics(feature, start, start + self._window_ms, windows.open.pop(start))
-            windows.run = _extend(windows.run, stats)
-            yield from self._records.messages(stats, windows.run)
-        windows.closed_through = max(windows.closed_through, through_ms)
 
 
 class DriftPartials(beam.PTransform):
@@ -397,46 +291,57 @@ class DriftPartials(beam.PTransform):
 
 
 class CloseDriftWindows(beam.PTransform):
-    """(feature, PartialSummary) in; drift and retrain OutgoingMessages out, as the windows close.
+    """(feature, PartialSummary) in; drift and retrain OutgoingMessages out, as Beam closes the windows.
 
-    ``live``: close windows on the partials' watermark evidence, for streaming
-    runs on the in-process runner (see the module docstring); False: Beam
-    windowing. ``__score__`` windows never trigger retraining.
+    A partial is stamped at its window's start plus the allowed lateness and
+    windowed by FixedWindows offset as much, so its window fires once the
+    watermark has passed the drift window's end plus the allowed lateness:
+    one pane, with every value that is not late. ``__score__`` windows never
+    trigger retraining.
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
-                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False,
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain",
                  policy: WatermarkPolicy = WatermarkPolicy()):
         super().__init__()
         self._reference = reference
         self._window_s = window_s
-        self._records = _DriftRecords(reference, thresholds, retrain_after_windows, wire_format)
-        self._live = live
-        self._allowed_lateness_ms = policy.allowed_lateness_ms
+        self._records = DriftRecords(reference, thresholds, retrain_after_windows, wire_format)
+        self._lateness_ms = policy.allowed_lateness_ms
 
     def expand(self, partials):
-        if self._live:
-            windows = _LiveWindowsFn(self._reference, self._window_s, self._records, self._allowed_lateness_ms)
-            return partials | "LiveWindows" >> beam.ParDo(windows)
-        return partials | "Windows" >> _WindowedDrift(self._reference, self._window_s, self._records)
+        lateness_ms = self._lateness_ms
+        offset_s = (lateness_ms / 1000) % self._window_s
+        return (
+            partials
+            | "AfterLateness" >> beam.Map(lambda kv: TimestampedValue(kv, (kv[1].window_start + lateness_ms) / 1000))
+            | "FixedWindows" >> beam.WindowInto(FixedWindows(self._window_s, offset=offset_s))
+            | "Summarise" >> beam.CombinePerKey(_SummaryFn(self._reference))
+            | "Statistics" >> beam.ParDo(_ToStatisticsFn(self._records, lateness_ms))
+            | "KeyByFeature" >> beam.Map(_by_feature).with_output_types(Tuple[str, Any])
+            | "GlobalWindow" >> beam.WindowInto(GlobalWindows())
+            | "ToMessages" >> beam.ParDo(_DriftMessagesFn(self._records))
+        )
 
 
 class ComputeDrift(beam.PTransform):
     """(DecodeEvents' output, scoring OutgoingMessages) in; (readings', scores') drift and retrain messages out.
 
-    Two branches and no Flatten: each ends in its own sink (see
-    transforms/kafka_sink.py on Flatten in the in-process runner).
+    Two branches, each ending in its own sink. `close` is how windows close:
+    CloseDriftWindows, or for streaming on the in-process runner
+    ``in_process_runner.CloseLiveDriftWindows``, which takes the same arguments.
     """
 
     def __init__(self, reference: DriftReference, *, window_s: float, retrain_after_windows: int,
-                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain", live: bool = False,
-                 policy: WatermarkPolicy = WatermarkPolicy()):
+                 thresholds: DriftThresholds = DriftThresholds(), wire_format: str = "plain",
+                 policy: WatermarkPolicy = WatermarkPolicy(), close: type[beam.PTransform] = CloseDriftWindows):
         super().__init__()
         self._partials = DriftPartials(reference, window_s=window_s, wire_format=wire_format, policy=policy)
-        self._close = dict(reference=reference, window_s=window_s, retrain_after_windows=retrain_after_windows,
-                           thresholds=thresholds, wire_format=wire_format, live=live, policy=policy)
+        self._close = close
+        self._close_args = dict(reference=reference, window_s=window_s, retrain_after_windows=retrain_after_windows,
+                                thresholds=thresholds, wire_format=wire_format, policy=policy)
 
     def expand(self, inputs):
         readings, scores = inputs | "Partials" >> self._partials
-        return (readings | "ReadingDrift" >> CloseDriftWindows(**self._close),
-                scores | "ScoreDrift" >> CloseDriftWindows(**self._close))
+        return (readings | "ReadingDrift" >> self._close(**self._close_args),
+                scores | "ScoreDrift" >> self._close(**self._close_args))
