@@ -79,7 +79,7 @@ def feed(cluster: KafkaCluster, events: list[dict], done: threading.Event, failu
 
 
 def test_job_keeps_scoring_when_partition_leaders_are_killed(tmp_path):
-    events = outside_events(devices=40, per_device=300, seed=8)  # 12,000 events, about 30 s of feed
+    events = outside_events(devices=40, per_device=500, seed=8)  # 20,000 events, about 50 s of feed
     log = tmp_path / "job.log"
     started = time.monotonic()
     with KafkaCluster(3, folder=tmp_path / "kafka", heap_mb=384) as cluster:
@@ -95,15 +95,15 @@ def test_job_keeps_scoring_when_partition_leaders_are_killed(tmp_path):
             _wait_for(lambda: scores_so_far(config) >= len(events) * 0.25, 120, "a quarter scored")
             first = leader_of_input_and_scores(cluster)
             cluster.kill(first)
-            kills.append((first, scores_so_far(config)))
+            kills.append((first, scores_so_far(config), not fed.is_set()))
             _wait_for(lambda: scores_so_far(config) >= len(events) * 0.45, FAILOVER_S + 60,
                       "scoring to go on without the killed leader")
             cluster.restart(first)
             _wait_for(lambda: fully_replicated(cluster, ["in", "scores"]), 120, f"node {first} back in sync")
             second = leader_of_input_and_scores(cluster)
             cluster.kill(second)
-            kills.append((second, scores_so_far(config)))
-            fed.wait(timeout=180)
+            kills.append((second, scores_so_far(config), not fed.is_set()))
+            fed.wait(timeout=240)
             assert not failures, f"the feed failed: {failures[0]!r}"
             _wait_for(lambda: set(retrying(lambda: scored_ids(config))) >= {e["event_id"] for e in events}
                       and retrying(lambda: all_committed(config)),
@@ -118,7 +118,7 @@ def test_job_keeps_scoring_when_partition_leaders_are_killed(tmp_path):
     missing = {e["event_id"] for e in events} - set(scored)
     duplicates = sum(scored.values()) - len(scored)
     print(f"\n3 Kafka nodes, RF 3, min.insync.replicas 2, acks=all; {len(events)} events at {EVENTS_PER_S}/s; "
-          f"SIGKILLed leaders (node, scores so far): {kills}; {len(scored)} event ids scored, {duplicates} duplicate "
+          f"SIGKILLed leaders (node, scores so far, while fed): {kills}; {len(scored)} event ids scored, {duplicates} duplicate "
           f"scores ({duplicates / len(scored):.1%}), {len(missing)} missing, offsets committed to {committed_to}, "
           f"{time.monotonic() - started:.0f} s in all")
     assert not missing
