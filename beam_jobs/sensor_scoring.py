@@ -28,6 +28,7 @@ from typing import Callable
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.runners.runner import PipelineState
 
 from beam_jobs import drift_merge
 from beam_jobs.drift_output import write_drift
@@ -51,7 +52,7 @@ from transforms.kafka_client import (
 )
 from transforms.kafka_sink import DEAD_LETTERS, SCORES, SHADOW_SCORES, STREAMS, WriteToKafka
 from transforms.kafka_source import ReadFromKafkaPartitions, request_drain
-from transforms.offset_commits import CommitOffsets
+from transforms.offset_commits import CommitOffsets, commit_finished_reads
 from transforms.pseudonymize import PseudonymizeKeyMissing, pseudonymizer_from_env
 from transforms.score_records import ScoreSensorRecords
 
@@ -158,9 +159,14 @@ def run(argv: list[str] | None = None) -> beam.runners.runner.PipelineResult:
     build_pipeline(pipeline, opts, partitions)
     monitor = Monitor(opts.status_interval_s, opts.metrics_port).start()
     try:
-        return run_to_end(pipeline)
+        result = run_to_end(pipeline)
     finally:
         monitor.stop()
+    if opts.bounded and result.state == PipelineState.DONE:
+        committed = commit_finished_reads(kafka_config(opts), opts.consumer_group, partitions)
+        if committed:
+            _LOG.info("committed the end offsets the runner left uncommitted: %s", committed)
+    return result
 
 
 def _drain_on_signals() -> None:

@@ -16,6 +16,7 @@ from collections import Counter
 
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
+from apache_beam.pvalue import TaggedOutput
 from hypothesis import strategies as st
 
 from schemas.serde import DEAD_LETTER, EVENT, SCORE, AvroDecoder, AvroEncoder, EventTimeReader
@@ -66,8 +67,10 @@ def decode_one(fn: _DecodeFn, value: bytes, offset: int = 7) -> object:
     record = KafkaRecord("in", 0, offset, offset, b"k", value, NOW_MS, NOW_MS, NOW_MS)
     fn.start_bundle()
     (output,) = [*fn.process((record,)), *fn.finish_bundle()]
-    payload = output.value[1] if hasattr(output, "value") else output[1]
-    return payload.events[0] if isinstance(payload, DeviceEvents) else payload
+    if isinstance(output, TaggedOutput):  # a Rejected, on the dead-letter output
+        return output.value
+    _, payload = output.value  # a WindowedValue of (device_id, DeviceEvents)
+    return payload.events[0]
 
 
 def scoreable(event: ValidEvent, now_ms: int) -> bool:

@@ -123,6 +123,30 @@ class _CommitContiguousFn(beam.DoFn):
         _LOG.debug("committed %s", offsets)
 
 
+def commit_finished_reads(config: KafkaConfig, group_id: str, partitions: list[PartitionDescriptor]) -> dict[str, int]:
+    """After a bounded job ended successfully: commits each partition's stop offset where the group is behind it.
+
+    A bounded job that ended without error has written and flushed the
+    output of every record up to its stop offsets (a failed send fails the
+    job), so they may be committed. It is what the commit step's bundle
+    finalizer does on runners that call finalizers; Flink never calls them in
+    batch (apache/beam #19525, #19526), so ``--bounded`` on Flink commits here.
+    Never moves a group backwards. Returns what it committed.
+    """
+    consumer = make_consumer(config, group_id=group_id)
+    try:
+        offsets = {}
+        for p in partitions:
+            tp = TopicPartition(p.topic, p.partition)
+            if p.stop_offset is not None and p.stop_offset > (consumer.committed(tp) or 0):
+                offsets[tp] = OffsetAndMetadata(p.stop_offset, "", -1)
+        if offsets:
+            consumer.commit(offsets)
+        return {partition_key(tp.topic, tp.partition): o.offset for tp, o in offsets.items()}
+    finally:
+        consumer.close()
+
+
 class CommitOffsets(beam.PTransform):
     """Consumes per-bundle ack spans; outputs (partition key, committed offset) after each advance."""
 
