@@ -75,6 +75,7 @@ def alarms_for(artifact: ModelArtifact, f: "SkabFile", post: PostProcessing, cal
 
 def pooled(files: Sequence["SkabFile"], alarms: dict[int, np.ndarray], indices: Sequence[int],
            calibration_events: int) -> Counts:
+    """Point-wise counts of the files at `indices`, rows after calibration, pooled."""
     counts = Counts()
     for i in indices:
         counts.add(alarms[i][calibration_events:], files[i].labels[calibration_events:].astype(bool))

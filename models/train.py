@@ -53,6 +53,8 @@ LEARNING_RATE = 1e-2
 
 
 class TrainingChoice(NamedTuple):
+    """Training steps and post-processing, chosen together."""
+
     epochs: int
     post: PostProcessing
 
