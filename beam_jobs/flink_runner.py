@@ -13,6 +13,7 @@ MiniCluster inside that JVM.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Optional
 
@@ -23,8 +24,9 @@ from apache_beam.version import __version__ as beam_version
 # What scripts/fetch_flink.sh fetches: the newest (Flink, Beam) job server whose Maven dependencies resolve here.
 FETCHED_FLINK_VERSION = "1.19"
 FETCHED_BEAM_VERSION = "2.62.0"
-# The job server JVM's heap, MiniCluster included: measured below 500 MiB resident for the file-mode job
-# (docs/flink.md); Java's default, a quarter of the machine's memory, is too much on a shared 2-core machine.
+_LOG = logging.getLogger(__name__)
+# The job server JVM's heap, MiniCluster included: the file-mode job peaked at 527 MiB resident with it
+# (docs/flink.md); Java's default heap, a quarter of the machine's memory, is too much on a shared 2-core machine.
 JOB_SERVER_JVM_PROPERTIES = ["-Xmx768m", "-XX:+UseSerialGC"]
 
 
@@ -50,5 +52,7 @@ def configure(options: PipelineOptions) -> None:
         return
     fetched = job_server_jar(FETCHED_FLINK_VERSION, FETCHED_BEAM_VERSION, server.jar_cache_dir)
     if os.path.exists(fetched):
+        _LOG.info("Flink job server: %s (Flink %s, Beam %s), the cluster must run Flink %s",
+                  fetched, FETCHED_FLINK_VERSION, FETCHED_BEAM_VERSION, FETCHED_FLINK_VERSION)
         flink.flink_job_server_jar = fetched
         flink.flink_version = FETCHED_FLINK_VERSION

@@ -1,16 +1,19 @@
 """Runs the whole product on one machine: broker, simulated line, job, live view.
 
-    python -m beam_jobs.local_run [--events N] [--devices D] [--speed S] [-- JOB FLAGS...]
+    python -m beam_jobs.local_run [--events N] [--devices D] [--speed S] [--broker tansu|kafka] [-- JOB FLAGS...]
 
-Starts the embedded broker unless KAFKA_BOOTSTRAP_SERVERS is set, creates the
-topics, feeds the manufacturing-line simulator, runs the scoring job on the
-DirectRunner in a child process (its log goes to out/job.log) and prints
-progress every two seconds. With --events N it stops once N events are scored
-and prints, as its last line, one JSON object of the run's figures.
+Starts a broker unless KAFKA_BOOTSTRAP_SERVERS is set: the embedded Tansu by
+default (0.1 s, no Java), or Apache Kafka with ``--broker kafka`` (about 7 s;
+data and logs in out/kafka/). Then it creates the topics, feeds the
+manufacturing-line simulator, runs the scoring job on the DirectRunner in a
+child process (its log goes to out/job.log) and prints progress every two
+seconds. With --events N it stops once N events are scored and prints, as its
+last line, one JSON object of the run's figures.
 
 The Kafka security flags (before any --) apply to this tool's own clients and
-are passed on to the job; they need KAFKA_BOOTSTRAP_SERVERS, since the
-embedded broker speaks PLAINTEXT only.
+are passed on to the job; they need KAFKA_BOOTSTRAP_SERVERS: the broker this
+tool starts is reached over PLAINTEXT (``python -m beam_jobs.kafka_cluster``
+keeps an Apache Kafka with TLS and SASL listeners running for that).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.kafka_cluster import KafkaNotInstalled
+from beam_jobs.local_broker import add_broker_argument, local_broker
 from beam_jobs.security_options import (
     KAFKA_SECURITY_OPTIONS,
     add_kafka_security_arguments,
@@ -147,6 +151,7 @@ def _parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--seed", type=int, default=0, help="simulator seed (default 0)")
     parser.add_argument("--timeout_s", type=float, default=600.0, help="give up after this long (default 600)")
     parser.add_argument("--log", type=Path, default=Path("out/job.log"), help="job log file (default out/job.log)")
+    add_broker_argument(parser, "run_local.sh")
     add_kafka_security_arguments(parser)
     args, job_args = parser.parse_known_args(argv)
     # After --, a security flag would reach the job only, and this tool's own clients could not connect.
@@ -167,12 +172,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if security.protocol != "PLAINTEXT" and not bootstrap:
         print(f"run_local failed: --security_protocol {security.protocol} needs KAFKA_BOOTSTRAP_SERVERS; "
-              "the embedded broker speaks PLAINTEXT only", file=sys.stderr)
+              "the broker run_local.sh starts is reached over PLAINTEXT", file=sys.stderr)
         return 2
     with ExitStack() as stack:
         if not bootstrap:
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap_servers
-            print(f"started the embedded broker on {bootstrap}", flush=True)
+            try:
+                broker = stack.enter_context(local_broker(args.broker, Path("out/kafka")))
+            except KafkaNotInstalled as e:
+                print(f"run_local failed: {e}", file=sys.stderr)
+                return 2
+            bootstrap = broker.bootstrap_servers
+            print(f"started the {'Apache Kafka' if args.broker == 'kafka' else 'embedded Tansu'} broker on "
+                  f"{bootstrap}", flush=True)
         config = KafkaConfig(bootstrap, security=security)
         ensure_topics(config, TOPICS.values())
         counter = TopicCounter(config)

@@ -1,9 +1,9 @@
 """End-to-end latency of the streaming job at a steady input rate.
 
-    python -m benchmarks.latency [--rate R] [--seconds S] [--devices D] [--job_args "..."]
+    python -m benchmarks.latency [--rate R] [--seconds S] [--devices D] [--broker tansu|kafka] [--job_args "..."]
 
-Starts the embedded broker and the streaming job (DirectRunner), waits until
-the job scores a warm-up event, then writes simulated events at R events/s
+Starts a broker (Tansu, or Apache Kafka) and the streaming job (DirectRunner),
+waits until the job scores a warm-up event, then writes simulated events at R events/s
 for S seconds and follows the score topic. Latency of an event is the time
 from its write to the input topic until its score can be read from the score
 topic; printed as p50/p95/p99, with the share of events scored. After the
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.local_broker import add_broker_argument, local_broker
 from beam_jobs.simulator import LineSimulator, SimulatorConfig
 from schemas.serde import EVENT, AvroEncoder, ScoreHeadReader
 from transforms.kafka_client import KafkaConfig, ensure_topics, make_consumer, make_producer, partitions_of
@@ -132,7 +132,7 @@ def wait_until_scoring(config: KafkaConfig, watcher: ScoreWatcher, timeout_s: fl
 def measure(args: argparse.Namespace) -> dict:
     log = ROOT / "out" / "benchmarks" / "latency-job.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with EmbeddedBroker() as broker:
+    with local_broker(args.broker, ROOT / "out" / "benchmarks" / "kafka") as broker:
         config = KafkaConfig(broker.bootstrap_servers)
         ensure_topics(config, [INPUT, SCORES, "latency-dead", "latency-drift", "latency-retrain"], partitions=4)
         watcher = ScoreWatcher(config)
@@ -151,7 +151,8 @@ def measure(args: argparse.Namespace) -> dict:
             watcher.stop()
     latencies_ms = [(watcher.seen_at[e] - t) * 1000 for e, t in written.items() if e in watcher.seen_at]
     p50, p95, p99 = np.percentile(latencies_ms, [50, 95, 99]) if latencies_ms else (float("nan"),) * 3
-    return {"rate": args.rate, "seconds": args.seconds, "events": len(written), "scored": len(latencies_ms),
+    return {"broker": args.broker, "rate": args.rate, "seconds": args.seconds, "events": len(written),
+            "scored": len(latencies_ms),
             "p50_ms": round(p50), "p95_ms": round(p95), "p99_ms": round(p99),
             "max_ms": round(max(latencies_ms, default=float("nan")))}
 
@@ -162,6 +163,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rate", type=float, default=2000.0, help="events per second written (default 2000)")
     parser.add_argument("--seconds", type=float, default=30.0, help="how long to feed (default 30)")
     parser.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
+    add_broker_argument(parser, "the benchmark")
     parser.add_argument("--job_args", default="--direct_num_workers 1 --local_processes 2",
                         help="extra job flags (default: two processes on this 2-core machine, each on the "
                              "in-process runner; docs/performance.md)")

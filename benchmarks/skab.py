@@ -1,6 +1,6 @@
 """The SKAB benchmark: cross-validated offline, then through the streaming job; and the fault-type table.
 
-    python -m benchmarks.skab --data DIR [--output_dir out/skab] [--quantize none int8] [--epochs N] [--seed S]
+    python -m benchmarks.skab --data DIR [--output_dir out/skab] [--quantize none int8] [--epochs N ...] [--seed S]
 
 DIR holds SKAB's ``anomaly-free/`` and group folders (``valve1/`` ...) of
 ``;``-separated CSVs. Steps:
@@ -8,9 +8,11 @@ DIR holds SKAB's ``anomaly-free/`` and group folders (``valve1/`` ...) of
 1. every file becomes a recording (one device per file, device_id
    ``group-file``, event_time from ``datetime`` read as UTC); ``models.train``
    trains on the anomaly-free recording plus the first
-   ``--calibration_events`` rows of every labelled file, nothing else;
+   ``--calibration_events`` rows of every labelled file, nothing else, once
+   per number of training steps in ``--epochs``;
 2. leave-files-out cross-validation (benchmarks/skab_cv.py) chooses the
-   post-processing on the other folds for each fold and prints the pooled
+   training steps and the post-processing on the other folds for each fold
+   and prints the pooled
    cross-validated F1/FAR/MAR with NAB scores: the figure to quote. It also
    prints the choice made on all files and its (tuned, optimistic) figure;
 3. an embedded broker is started, all recordings are replayed into it keyed
@@ -36,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -44,7 +46,7 @@ from beam_jobs.embedded_broker import EmbeddedBroker
 from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
 from benchmarks import fault_types
-from benchmarks.skab_cv import CrossValidation, alarms_for, cross_validate
+from benchmarks.skab_cv import EPOCHS, CrossValidation, alarms_for, cross_validate
 from benchmarks.skab_metrics import Counts, nab_scores
 from models.artifact import BUNDLED_MODEL_DIR, ModelArtifact, load_artifact
 from models.detector import PostProcessing
@@ -236,42 +238,45 @@ def free_segments_far(artifact: ModelArtifact, files: Sequence[SkabFile], post: 
             f"{100 * min(rates):.0f}-{100 * max(rates):.0f}%; training data, so optimistic)")
 
 
-def report_cv(artifact: ModelArtifact, files: Sequence[SkabFile], cv: CrossValidation) -> None:
+def report_cv(artifacts: Mapping[int, ModelArtifact], files: Sequence[SkabFile], cv: CrossValidation) -> None:
     """Prints the cross-validated figures (the ones to quote), int8's, NAB's, and the all-file choice (tuned)."""
     c = cv.counts
     print(f"\n## cross-validated, leave-files-out ({len(cv.choices)} folds): F1 {c.f1:.3f}  FAR {c.far:.2f}%  "
           f"MAR {c.mar:.2f}%  (TP {c.tp} FP {c.fp} FN {c.fn} TN {c.tn})")
     print(nab_line(nab_of(files, cv.alarms)))
-    int8 = {i: alarms_for(artifact, files[i], post, CALIBRATION_EVENTS, "int8") for fold, post in cv.choices
-            for i in fold}
+    int8 = {i: alarms_for(artifacts[choice.epochs], files[i], choice.post, CALIBRATION_EVENTS, "int8")
+            for fold, choice in cv.choices for i in fold}
     counts = Counts()
     for i, a in int8.items():
         counts.add(a[CALIBRATION_EVENTS:], files[i].labels[CALIBRATION_EVENTS:].astype(bool))
     print(f"int8, same choices: F1 {counts.f1:.3f}  FAR {counts.far:.2f}%  MAR {counts.mar:.2f}% "
           f"(F1 {counts.f1 - c.f1:+.3f} against float)")
-    for fold, post in cv.choices:
+    for fold, choice in cv.choices:
         names = ", ".join(files[i].device_id for i in fold)
-        print(f"- fold {names}: chosen on the other folds: ewma_span {post.ewma_span}, factor {post.factor}")
-    t = cv.tuned_counts
-    print(f"tuned on all these files (not a generalisation figure): ewma_span {cv.chosen_on_all.ewma_span}, factor "
-          f"{cv.chosen_on_all.factor}: F1 {t.f1:.3f}  FAR {t.far:.2f}%  MAR {t.mar:.2f}%")
-    print(free_segments_far(artifact, files, cv.chosen_on_all))
+        print(f"- fold {names}: chosen on the other folds: {choice.describe()}")
+    t, on_all = cv.tuned_counts, cv.chosen_on_all
+    print(f"tuned on all these files (not a generalisation figure): {on_all.describe()}: F1 {t.f1:.3f}  "
+          f"FAR {t.far:.2f}%  MAR {t.mar:.2f}%")
+    print(free_segments_far(artifacts[on_all.epochs], files, on_all.post))
 
 
-def run(data: Path, output_dir: Path, *, quantize: Sequence[str], epochs: int, seed: int,
+def run(data: Path, output_dir: Path, *, quantize: Sequence[str], epochs: Sequence[int], seed: int,
         groups: Sequence[str] | None = None, fault_model: Path = BUNDLED_MODEL_DIR) -> dict[str, Counts]:
     """The whole benchmark; returns the pooled counts of each job run (parameters tuned on all files)."""
     started = time.monotonic()
     files = load_skab(data, groups)
     full, training = write_recordings(files, output_dir / "recordings", CALIBRATION_EVENTS)
     model_dir = output_dir / "model"
-    artifact = train(training, model_dir, epochs=epochs, seed=seed, calibration_events=CALIBRATION_EVENTS)
-    print(f"trained {artifact.version} in {time.monotonic() - started:.1f} s")
-    cv = cross_validate(artifact, files, CALIBRATION_EVENTS)
-    report_cv(artifact, files, cv)
-    if cv.chosen_on_all != artifact.post_processing:  # the job runs with the all-file choice
-        artifact = train(training, model_dir, epochs=epochs, seed=seed, calibration_events=CALIBRATION_EVENTS,
-                         post=cv.chosen_on_all)
+    artifacts = {}
+    for steps in epochs:
+        trained_at = time.monotonic()
+        artifacts[steps] = train(training, model_dir.with_name(f"model-epochs-{steps}"), epochs=steps, seed=seed,
+                                 calibration_events=CALIBRATION_EVENTS)
+        print(f"trained {artifacts[steps].version} ({steps} epochs) in {time.monotonic() - trained_at:.1f} s")
+    cv = cross_validate(artifacts, files, CALIBRATION_EVENTS)
+    report_cv(artifacts, files, cv)
+    train(training, model_dir, epochs=cv.chosen_on_all.epochs, seed=seed, calibration_events=CALIBRATION_EVENTS,
+          post=cv.chosen_on_all.post)  # what the job runs: the all-file choice
     results = {}
     with EmbeddedBroker() as broker:
         config = KafkaConfig(broker.bootstrap_servers)
@@ -298,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quantize", nargs="+", choices=("none", "int8"), default=["none", "int8"],
                         help="job runs to measure (default: none int8)")
     parser.add_argument("--groups", nargs="+", help="group folders to use (default: all)")
-    parser.add_argument("--epochs", type=int, default=100, help="training steps per member (default 100)")
+    parser.add_argument("--epochs", type=int, nargs="+", default=list(EPOCHS),
+                        help=f"training steps to choose from by cross-validation (default {' '.join(map(str, EPOCHS))})")
     parser.add_argument("--seed", type=int, default=0, help="training seed (default 0)")
     parser.add_argument("--fault_model", type=Path, default=BUNDLED_MODEL_DIR,
                         help="model for the fault-type table, trained on the simulated line (default bundled)")

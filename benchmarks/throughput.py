@@ -1,9 +1,10 @@
 """Throughput of the job against a plain kafka-python loop doing the same work, in one run.
 
-    python -m benchmarks.throughput [--events N] [--devices D] [--job_args "..."]
+    python -m benchmarks.throughput [--events N] [--devices D] [--broker tansu|kafka] [--job_args "..."]
 
-Starts the embedded broker, preloads N simulated events (the standard schema,
-D devices, keyed by device), then measures, each in its own Python process:
+Starts a broker (Tansu, or Apache Kafka), preloads N simulated events (the
+standard schema, D devices, keyed by device), then measures, each in its own
+Python process:
 
 (a) the job, ``--bounded``, from process start to the last score written;
 (b) the reference loop: consume, Avro decode, validate, the device step
@@ -32,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.local_broker import add_broker_argument, local_broker
 from beam_jobs.simulator import LineSimulator, SimulatorConfig, produce
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from schemas.serde import EVENT, SCORE, AvroDecoder, AvroEncoder, SerdeError
@@ -186,7 +187,7 @@ def _percentiles(values_ms: list[float]) -> str:
 def measure(args: argparse.Namespace) -> dict:
     logs = ROOT / "out" / "benchmarks"
     logs.mkdir(parents=True, exist_ok=True)
-    with EmbeddedBroker() as broker:
+    with local_broker(args.broker, ROOT / "out" / "benchmarks" / "kafka") as broker:
         config = KafkaConfig(broker.bootstrap_servers)
         preload(config, args.events, args.devices)
         written_at = time.time() * 1000  # every event is on the topic by now
@@ -205,6 +206,7 @@ def measure(args: argparse.Namespace) -> dict:
         loop_scores = read_processed_at(config, LOOP_SCORES)
     job_last = max(t for _, t in job_scores) / 1000.0
     figures = {
+        "broker": args.broker,
         "events": args.events,
         "devices": args.devices,
         "job_scores": len({e for e, _ in job_scores}),
@@ -228,6 +230,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=200_000, help="events to preload (default 200000)")
     parser.add_argument("--devices", type=int, default=1000, help="simulated devices (default 1000)")
     parser.add_argument("--calibration_events", type=int, default=60, help="per-device calibration (default 60)")
+    add_broker_argument(parser, "the benchmark")
     parser.add_argument("--job_args", default="--direct_num_workers 1 --local_processes 2",
                         help="extra job flags (default: two job processes on this 2-core machine, each on the "
                              "in-process runner; docs/performance.md says why Beam's own workers are slower)")

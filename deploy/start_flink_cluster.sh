@@ -7,6 +7,7 @@
 #   deploy/start_flink_cluster.sh            # start (installs the wheels once)
 #   deploy/start_flink_cluster.sh stop       # stop every JobManager and TaskManager it started
 #   deploy/start_flink_cluster.sh status     # the REST overview
+#   deploy/start_flink_cluster.sh add-taskmanager   # one more TaskManager (after one was killed)
 #
 # Flink's version must be the job server's (beam_jobs/flink_runner.py): the
 # job server is Flink's client, and a 1.19 client cannot submit to a 2.x
@@ -101,10 +102,15 @@ case "${1:-start}" in
     "$home/bin/taskmanager.sh" stop-all >&2 || true
     "$home/bin/jobmanager.sh" stop-all >&2 || true
     ;;
+  add-taskmanager)
+    home=$(flink_home)
+    export FLINK_CONF_DIR="$CLUSTER/conf" FLINK_LOG_DIR="$CLUSTER/log" FLINK_PID_DIR="$CLUSTER"
+    "$home/bin/taskmanager.sh" start >&2
+    ;;
   status)
     curl -fsS "http://localhost:$REST_PORT/overview"; echo
     ;;
   *)
-    echo "usage: $0 [start|stop|status]" >&2; exit 2
+    echo "usage: $0 [start|stop|status|add-taskmanager]" >&2; exit 2
     ;;
 esac

@@ -49,7 +49,7 @@ def test_training_sees_only_the_anomaly_free_file_and_calibration_rows(subset, t
 
 @pytest.mark.slow
 def test_benchmark_runs_through_the_job_and_reports(subset, tmp_path, capsys):
-    results = run(subset, tmp_path / "out", quantize=["none"], epochs=5, seed=0)
+    results = run(subset, tmp_path / "out", quantize=["none"], epochs=[2, 5], seed=0)
     printed = capsys.readouterr().out
     assert "pooled over 2 labelled files" in printed and "| valve1-3 |" in printed
     assert "## cross-validated, leave-files-out (2 folds)" in printed and "NAB (60 s window" in printed

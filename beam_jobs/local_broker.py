@@ -1,0 +1,35 @@
+"""The two brokers this project can start on loopback, by name, for run_local.sh and the benchmarks.
+
+``tansu`` (``embedded_broker``): starts in 0.1 s with 15 MiB, no Java; the
+quick start. ``kafka`` (``kafka_cluster``): Apache Kafka 4.4.0, what
+production runs; 6-12 s and about 350 MiB per node here. Both are context
+managers with ``bootstrap_servers`` (PLAINTEXT).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from beam_jobs.embedded_broker import EmbeddedBroker
+from beam_jobs.kafka_cluster import KafkaCluster
+
+BROKERS = ("tansu", "kafka")
+LocalBroker = Union[EmbeddedBroker, KafkaCluster]
+
+
+def local_broker(name: str, folder: Optional[Path] = None) -> LocalBroker:
+    """A broker of that kind, not started yet; Kafka keeps its data and logs in `folder` (None: a temporary one)."""
+    if name == "tansu":
+        return EmbeddedBroker()
+    if name == "kafka":
+        return KafkaCluster(folder=folder)
+    raise ValueError(f"broker must be one of {BROKERS}, not {name!r}")
+
+
+def add_broker_argument(parser, what: str) -> None:
+    """``--broker tansu|kafka`` for a tool that starts its own broker."""
+    parser.add_argument("--broker", choices=BROKERS, default="tansu",
+                        help=f"the broker {what} starts: tansu (embedded, 0.1 s, no Java; the default) or kafka "
+                             "(Apache Kafka 4.4.0 in KRaft mode, about 7 s; needs Java 17 and Maven once, "
+                             "scripts/fetch_kafka.sh)")
