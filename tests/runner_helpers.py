@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
+from apache_beam.runners.portability.prism_runner import PrismRunner
+from apache_beam.utils import shared
+from apache_beam.utils.subprocess_server import SubprocessServer
 
 from beam_jobs import sensor_scoring
 from beam_jobs.compare import Comparison, compare_scores, scores_by_event, summary
@@ -92,8 +95,18 @@ def _cmdline(pid: int) -> str:
 
 @pytest.fixture
 def no_runner_left_behind() -> Iterator[None]:
-    """After the test, pass or fail: kills any job server JVM or Prism this process started and Beam left running."""
+    """After the test, pass or fail: stops any job server JVM or Prism this process started and Beam left running.
+
+    Beam keeps its job servers for reuse (a process-wide subprocess cache, and
+    PrismRunner's one shared server): each is removed through Beam, which
+    stops the process, and Prism's handle is replaced, so that the next test
+    starts a fresh server instead of reaching a dead port; what is left is killed.
+    """
     yield
+    cache = SubprocessServer._cache
+    for key in list(cache._cache):
+        cache.force_remove(*key)
+    PrismRunner.shared_handle = shared.Shared()
     for pid in _children(os.getpid()):
         cmd = _cmdline(pid)
         if "job-server" in cmd or "/prism" in cmd:

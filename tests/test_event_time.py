@@ -37,17 +37,19 @@ def test_lateness_is_measured_from_the_watermark_the_event_was_read_with():
 
 def test_an_idle_partition_moves_on_with_the_wall_clock_after_the_grace_only():
     clock = PartitionClock(POLICY)
+    clock.idle(NOW)  # nothing read yet: nothing to move on from
+    assert clock.watermark_ms is None
     clock.observe(T0, NOW)
-    for _ in range(4):
-        clock.idle(2_000)  # 8 s silent: within the grace
+    clock.idle(NOW + 8_000)  # 8 s silent: within the grace
     assert clock.watermark_ms == T0 - 5_000
-    clock.idle(2_000)
-    clock.idle(2_000)  # 12 s silent: 2 s past the grace
+    clock.idle(NOW + 12_000)  # 12 s silent, however many polls: 2 s past the grace
     assert clock.watermark_ms == T0 - 3_000
     # A record ends the silence: the next silence has its own grace.
-    assert clock.observe(T0 + 1_000, NOW) == T0 - 3_000
-    clock.idle(9_000)
+    assert clock.observe(T0 + 1_000, NOW + 13_000) == T0 - 3_000
+    clock.idle(NOW + 22_000)
     assert clock.watermark_ms == T0 - 3_000
+    clock.idle(NOW + 25_000)
+    assert clock.watermark_ms == T0 + 1_000 - 5_000 + 2_000
 
 
 def test_a_replay_at_the_recorded_pace_reads_each_record_with_the_watermark_of_a_fast_replay():
@@ -56,9 +58,10 @@ def test_a_replay_at_the_recorded_pace_reads_each_record_with_the_watermark_of_a
     fast, paced = PartitionClock(POLICY), PartitionClock(POLICY)
     fast_marks = [fast.observe(t, NOW) for t in times]
     paced_marks = []
-    for previous, t in zip([times[0], *times], times):
-        paced.idle(t - previous)  # silent for the recorded gap, as a replay at --speed 1 is
-        paced_marks.append(paced.observe(t, NOW))
+    for t in times:
+        wall = NOW + (t - T0)  # a replay at --speed 1: each record read as its time comes round
+        paced.idle(wall - 1)  # polled and found nothing just before it
+        paced_marks.append(paced.observe(t, wall))
     assert [POLICY.is_late(t, w) for t, w in zip(times, paced_marks)] == [False] * len(times)
     assert paced_marks[:20] == fast_marks[:20]
     assert all(p >= f for p, f in zip(paced_marks, fast_marks))  # the gap let the paced watermark move on
@@ -67,11 +70,10 @@ def test_a_replay_at_the_recorded_pace_reads_each_record_with_the_watermark_of_a
 def test_the_clock_state_round_trips_through_a_checkpoint():
     clock = PartitionClock(POLICY)
     clock.observe(T0, NOW)
-    clock.idle(3_000)
     restored = PartitionClock(POLICY, *clock.state())
-    restored.idle(8_000)
-    clock.idle(8_000)
-    assert restored.state() == clock.state() == (T0, T0 - 4_000, 11_000)
+    restored.idle(NOW + 11_000)
+    clock.idle(NOW + 11_000)
+    assert restored.state() == clock.state() == (T0, T0 - 4_000, NOW)
 
 
 def test_negative_settings_are_refused():

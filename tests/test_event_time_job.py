@@ -96,9 +96,9 @@ def scores(kafka_config, names) -> dict[str, bytes]:
     return out
 
 
-def drift_records(kafka_config, names) -> dict[tuple[int, str], bytes]:
-    """Drift record bytes by (window start, feature), checked to be one each."""
-    records = [value for *_, value in read_all(kafka_config, names("drift"))]
+def drift_records(kafka_config, topic: str) -> dict[tuple[int, str], bytes]:
+    """Drift record bytes of `topic` by (window start, feature), checked to be one each."""
+    records = [value for *_, value in read_all(kafka_config, topic)]
     keys = [(DECODE_DRIFT(v)["window_start"], DECODE_DRIFT(v)["feature"]) for v in records]
     assert set(Counter(keys).values()) <= {1}, "one record per feature and window"
     return dict(zip(keys, records))
@@ -107,7 +107,7 @@ def drift_records(kafka_config, names) -> dict[tuple[int, str], bytes]:
 def bounded_run(kafka_config, names, events: list[dict], how: str) -> tuple[dict, dict]:
     produce(kafka_config, names("in"), events, record_timestamps(events, how))
     sensor_scoring.run(["--bounded", *job_arguments(kafka_config, names)])
-    return scores(kafka_config, names), drift_records(kafka_config, names)
+    return scores(kafka_config, names), drift_records(kafka_config, names("drift"))
 
 
 def metric(port: int, name: str) -> float:
@@ -141,7 +141,7 @@ def streaming_run(kafka_config, names, events: list[dict], how: str, log_path) -
         finally:
             job.send_signal(signal.SIGINT)
             job.wait(timeout=60)
-    return scores(kafka_config, names), drift_records(kafka_config, names), expired
+    return scores(kafka_config, names), drift_records(kafka_config, names("drift")), expired
 
 
 _REFERENCE: dict[str, tuple] = {}

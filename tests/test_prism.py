@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from beam_jobs import sensor_scoring
+from beam_jobs.embedded_broker import free_port
 from beam_jobs.prism_runner import prism_binary
 from beam_jobs.replay import replay
 from tests.runner_helpers import (
@@ -28,6 +29,7 @@ from tests.runner_helpers import (
     record_line,
     score_files,
 )
+from tests.test_event_time_job import drift_records, metric
 
 PRISM = ["--runner", "PrismRunner", "--environment_type", "LOOPBACK"]
 pytestmark = pytest.mark.usefixtures("no_runner_left_behind")
@@ -58,17 +60,28 @@ def test_bounded_kafka_job_on_prism_scores_like_the_in_process_runner_and_commit
 
 
 @pytest.mark.slow
-def test_streaming_job_on_prism_scores_and_commits_while_it_runs(recording, tmp_path, kafka_config, topic_names):
+def test_streaming_job_on_prism_scores_commits_closes_windows_and_reclaims_devices(
+        recording, tmp_path, kafka_config, topic_names):
+    """Beam's semantics on Prism: the plain path's drift windows (FixedWindows + combine) close and the device
+    timers reclaim every idle device while the job runs, once the idle partitions' watermark moves on."""
+    streaming_flags = ["--drift_window_s", "10", "--state_ttl_s", "20"]
     replay([recording], kafka_config, topic_names("in"), partitions=2)
-    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded"])
-    job = JobProcess([*kafka_job_args(kafka_config, topic_names, "prism"), *PRISM], tmp_path / "job.log")
+    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded", *streaming_flags])
+    port = free_port()
+    job = JobProcess([*kafka_job_args(kafka_config, topic_names, "prism"), *PRISM, *streaming_flags,
+                      "--metrics_port", str(port)], tmp_path / "job.log")
+    expected_drift = drift_records(kafka_config, topic_names("direct-drift"))
     try:
         job.wait_for(lambda: len(kafka_scores(kafka_config, topic_names("prism-scores"))) == EVENTS, 90,
                      "score for every event")
         job.wait_for(lambda: all_committed(kafka_config, topic_names("in"), topic_names("prism-group")), 30,
                      "commit of the end offsets")
+        job.wait_for(lambda: len(drift_records(kafka_config, topic_names("prism-drift"))) == len(expected_drift),
+                     90, "every drift window closed")
+        job.wait_for(lambda: metric(port, "sensor_scoring_devices_expired_total") == 8, 90, "idle devices reclaimed")
         assert job.process.poll() is None, "a streaming job runs until stopped"
     finally:
         job.stop()
     assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
                      kafka_scores(kafka_config, topic_names("prism-scores")))
+    assert drift_records(kafka_config, topic_names("prism-drift")) == expected_drift

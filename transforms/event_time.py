@@ -69,37 +69,44 @@ class WatermarkPolicy:
 
 
 class PartitionClock:
-    """One partition's watermark under a :class:`WatermarkPolicy`; its state survives checkpoints."""
+    """One partition's watermark under a :class:`WatermarkPolicy`; its state survives checkpoints.
 
-    __slots__ = ("policy", "newest_ms", "watermark_ms", "silent_ms")
+    Idle time is measured on the wall clock from the last record read, not
+    summed over polls: a runner may resume a caught-up reader seconds later
+    than it asked (Prism does).
+    """
+
+    __slots__ = ("policy", "newest_ms", "watermark_ms", "last_read_ms")
 
     def __init__(self, policy: WatermarkPolicy, newest_ms: Optional[int] = None,
-                 watermark_ms: Optional[int] = None, silent_ms: int = 0):
+                 watermark_ms: Optional[int] = None, last_read_ms: Optional[int] = None):
         self.policy = policy
         self.newest_ms = newest_ms
         self.watermark_ms = watermark_ms
-        self.silent_ms = silent_ms  # wall-clock time caught up without a record, since the last one
+        self.last_read_ms = last_read_ms  # wall-clock time the last record was read
 
-    def state(self) -> tuple[Optional[int], Optional[int], int]:
-        return self.newest_ms, self.watermark_ms, self.silent_ms
+    def state(self) -> tuple[Optional[int], Optional[int], Optional[int]]:
+        return self.newest_ms, self.watermark_ms, self.last_read_ms
 
     def observe(self, event_time_ms: Optional[int], now_ms: int) -> Optional[int]:
-        """Takes in a record's event time (None: unreadable); returns the watermark to read it with."""
-        self.silent_ms = 0
+        """Takes in a record's event time (None: unreadable), read at wall time `now_ms`; returns its watermark."""
+        self.last_read_ms = now_ms
         if event_time_ms is not None and self.policy.plausible(event_time_ms, now_ms):
             if self.newest_ms is None or event_time_ms > self.newest_ms:
                 self.newest_ms = event_time_ms
                 self._advance(event_time_ms - self.policy.max_out_of_orderness_ms)
         return self.watermark_ms
 
-    def idle(self, elapsed_ms: int) -> None:
-        """The reader was caught up and found nothing for `elapsed_ms` more: past the grace, event time moves on."""
-        if elapsed_ms <= 0:
-            return
-        beyond_grace = self.silent_ms + elapsed_ms - max(self.silent_ms, self.policy.idle_after_ms)
-        self.silent_ms += elapsed_ms
-        if self.watermark_ms is not None and beyond_grace > 0:
-            self.watermark_ms += beyond_grace
+    def idle(self, now_ms: int) -> None:
+        """The reader is caught up and found nothing at wall time `now_ms`: past the grace, event time moves on.
+
+        The watermark then is where the last record left it plus the silence beyond the grace.
+        """
+        if self.newest_ms is None or self.last_read_ms is None:
+            return  # nothing read yet: no event time to move on from
+        beyond_grace = now_ms - self.last_read_ms - self.policy.idle_after_ms
+        if beyond_grace > 0:
+            self._advance(self.newest_ms - self.policy.max_out_of_orderness_ms + beyond_grace)
 
     def _advance(self, watermark_ms: int) -> None:
         if self.watermark_ms is None or watermark_ms > self.watermark_ms:

@@ -156,8 +156,8 @@ class _EventTimeWatermark(WatermarkEstimator):
     def observe(self, event_time_ms: Optional[int], now_ms: int) -> Optional[int]:
         return self.clock.observe(event_time_ms, now_ms)
 
-    def idle(self, elapsed_ms: int) -> None:
-        self.clock.idle(elapsed_ms)
+    def idle(self, now_ms: int) -> None:
+        self.clock.idle(now_ms)
 
     def observe_timestamp(self, timestamp: Timestamp) -> None:
         pass  # the clock is moved by the records' event times, not by output timestamps
@@ -166,7 +166,7 @@ class _EventTimeWatermark(WatermarkEstimator):
         wm = self.clock.watermark_ms
         return None if wm is None else Timestamp(micros=wm * 1000)
 
-    def get_estimator_state(self) -> tuple[Optional[int], Optional[int], int]:
+    def get_estimator_state(self) -> tuple[Optional[int], Optional[int], Optional[int]]:
         return self.clock.state()
 
 
@@ -241,7 +241,6 @@ class _ReadPartitionFn(beam.DoFn, WatermarkEstimatorProvider):
         deadline = time.monotonic() + self._max_seconds
         emitted = 0
         while emitted < self._max_records and time.monotonic() < deadline and not _DRAINING.is_set():
-            poll_started = time.monotonic()
             asked = self._max_records - emitted
             batch = consumer.poll(timeout_ms=self._poll_timeout_ms, max_records=asked).get(tp)
             if not batch:
@@ -250,7 +249,7 @@ class _ReadPartitionFn(beam.DoFn, WatermarkEstimatorProvider):
                     return
                 self._idle_polls.inc()
                 if _caught_up(consumer, tp):  # event time moves on with the wall clock while nothing arrives
-                    watermark.idle(int((time.monotonic() - poll_started + self._idle_resume_s) * 1000))
+                    watermark.idle(int(time.time() * 1000))
                 tracker.defer_remainder(Duration.of(self._idle_resume_s))
                 return
             claimed = []

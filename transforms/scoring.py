@@ -7,6 +7,7 @@ from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult, RunInference
+from apache_beam.utils.windowed_value import WindowedValue
 
 from models.handler import scoring_model_handler
 from models.rollout import CANARY, PRIMARY, SHADOW
@@ -17,6 +18,7 @@ from transforms.dead_letters import Rejected, dead_letter, dead_letter_message
 from transforms.device_state import ScoringContext
 from transforms.kafka_sink import SCORES, SHADOW_SCORES, OutgoingMessage
 from transforms.live_stats import LIVE
+from transforms.windowing import stamped
 
 _METRICS = "scoring"
 STAGE_INFERENCE = "inference"
@@ -119,14 +121,24 @@ class _ToMessagesFn(beam.DoFn):
         self._encode_dead_letter = AvroEncoder(DEAD_LETTER, self._wire_format)
         self._encode_audit = AvroEncoder(AUDIT_RECORD, self._wire_format) if self._audit else None
 
-    def process(self, element: tuple[Any, Any]) -> Iterator[OutgoingMessage]:
+    def process(self, element: tuple[Any, Any]) -> Iterator[WindowedValue]:
+        """Each message stamped with its own time: a score's is its event time.
+
+        RunInference hands its batches on at the end of the global window, which
+        holds no watermark back: downstream steps that window by event time
+        (drift) would find their windows closed on runners that keep Beam's
+        semantics. Stamped here, in the bundle of the events it answers for, a
+        message holds the watermark at its event time until it is consumed.
+        """
         key, result = element
-        if isinstance(key, Rejected):
-            yield dead_letter_message(key, self._encode_dead_letter)
+        if isinstance(key, Rejected):  # riding the keyed stream (transforms/in_process_runner.py)
+            messages = (dead_letter_message(key, self._encode_dead_letter),)
         elif isinstance(result, Exception):
-            yield from self._failed_inference(key, result)
+            messages = self._failed_inference(key, result)
         else:
-            yield from self._score_messages(key, result)
+            messages = self._score_messages(key, result)
+        for message in messages:
+            yield stamped(message, message.timestamp_ms)
 
     def _failed_inference(self, context: ScoringContext, error: Exception) -> Iterator[OutgoingMessage]:
         if context.model.role == SHADOW:
