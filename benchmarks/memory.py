@@ -1,10 +1,11 @@
 """Memory under a flood of distinct device ids, and after their state expires.
 
-    python -m benchmarks.memory [--devices 100000] [--floods 2] [--state_ttl_s 10]
+    python -m benchmarks.memory [--devices 100000] [--floods 2] [--state_ttl_s 10] [--job_args "..."]
 
 1. Per-device state: the pickled size of a DeviceState (what Beam state
    holds per device) through calibration and after it.
-2. The real streaming job in a child process against an embedded broker:
+2. The real streaming job in a child process against an embedded broker
+   (``--job_args "--runner PrismRunner"``: on Prism, whose process counts too):
    its RSS when idle, after one event from each of ``--devices`` new devices
    has been scored, and after their state expired (an event per partition
    carrying the source watermark past the expiry time, then a wait), with
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import pickle
+import shlex
 import subprocess
 import sys
 import time
@@ -51,11 +53,18 @@ def state_sizes(calibration_events: int, events: int) -> list[int]:
 
 
 def rss_mib(pid: int) -> float:
-    """Resident set size of a process, from /proc."""
+    """Resident set size of a process and its descendants (a runner such as Prism), from /proc."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
+            total = int(line.split()[1]) / 1024
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    for child in children.read_text().split() if children.exists() else ():
+        try:
+            total += rss_mib(int(child))
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # gone meanwhile
+    return total
 
 
 def produced(config: KafkaConfig, topic: str) -> int:
@@ -105,7 +114,7 @@ def tick(config: KafkaConfig, event_time: int, topic: str = "in", partitions: in
     producer.close()
 
 
-def job_rss(devices: int, floods: int, state_ttl_s: float, log: Path) -> dict:
+def job_rss(devices: int, floods: int, state_ttl_s: float, log: Path, job_args: tuple[str, ...] = ()) -> dict:
     """RSS and live devices of the streaming job idle, then after each flood and after its expiry."""
     metrics_port = free_port()
     with EmbeddedBroker() as broker:
@@ -115,7 +124,7 @@ def job_rss(devices: int, floods: int, state_ttl_s: float, log: Path) -> dict:
             job = subprocess.Popen(
                 [sys.executable, "-m", "beam_jobs.sensor_scoring", "--bootstrap_servers", broker.bootstrap_servers,
                  "--input_topic", "in", "--score_topic", "scores", "--state_ttl_s", str(state_ttl_s),
-                 "--metrics_port", str(metrics_port)],
+                 "--metrics_port", str(metrics_port), *job_args],
                 cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=subprocess.STDOUT)
         try:
             ttl_ms = int(state_ttl_s * 1000)
@@ -154,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                              "(default 2)")
     parser.add_argument("--state_ttl_s", type=float, default=10.0)
     parser.add_argument("--log", default="out/memory-benchmark-job.log")
+    parser.add_argument("--job_args", default="",
+                        help='extra job flags, e.g. "--runner PrismRunner" (default: none, the in-process runner)')
     args = parser.parse_args(argv)
     default_cal = state_sizes(60, 120)
     summary = {"state_bytes_first_event": default_cal[0], "state_bytes_calibrating_max": max(default_cal[:60]),
@@ -162,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
           f"at most {summary['state_bytes_calibrating_max']} B while calibrating (60 events), "
           f"{summary['state_bytes_calibrated']} B once calibrated", flush=True)
     Path(args.log).parent.mkdir(parents=True, exist_ok=True)
-    rss = job_rss(args.devices, args.floods, args.state_ttl_s, Path(args.log))
+    rss = job_rss(args.devices, args.floods, args.state_ttl_s, Path(args.log), tuple(shlex.split(args.job_args)))
     print(f"job RSS idle: {rss['idle_mib']:.0f} MiB; devices holding state: {rss['live_devices_idle']}", flush=True)
     for i, f in enumerate(rss["floods"], 1):
         print(f"flood {i}: {f['after_flood_mib']:.0f} MiB after {args.devices} new devices ({f['flood_s']} s, "
