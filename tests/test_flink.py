@@ -280,7 +280,8 @@ def test_a_taskmanager_killed_mid_stream_loses_no_event(tmp_path, standalone_clu
         produce_as_read(kafka_config, topic_names("in"), [r for r in records if r.offset >= ends[r.partition] // 2])
         wait_until(lambda: len(kafka_scores(kafka_config, topic_names("flink-scores"))) == events, 300,
                    "score for every event after the restore")
-        restored = standalone_cluster.rest(f"/jobs/{standalone_cluster.running_job()}/checkpoints")["latest"]["restored"]
+        job = standalone_cluster.running_job()
+        restored = standalone_cluster.rest(f"/jobs/{job}/checkpoints")["latest"]["restored"]
         assert restored and not restored["is_savepoint"], restored
     finally:
         standalone_cluster.cancel_all()
