@@ -92,7 +92,10 @@ def _cmdline(pid: int) -> str:
 
 @pytest.fixture
 def no_runner_left_behind() -> Iterator[None]:
-    """After the test, pass or fail: kills any job server JVM or Prism this process started and Beam left running."""
+    """After the test, pass or fail: kills any job server JVM or Prism this process started and Beam left running.
+
+    Beam stops them only when the process exits, one JVM (about 500 MiB) per Flink run.
+    """
     yield
     for pid in _children(os.getpid()):
         cmd = _cmdline(pid)

@@ -88,13 +88,11 @@ def bounded_kafka_run(recording, broker, tmp_path_factory):
     return config, topic, failure
 
 
-@pytest.mark.slow
 def test_bounded_kafka_job_on_flink_scores_every_event_like_the_in_process_runner(bounded_kafka_run):
     config, topic, _ = bounded_kafka_run
     assert_identical(kafka_scores(config, topic("direct-scores")), kafka_scores(config, topic("flink-scores")))
 
 
-@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Flink batch has no bundle finalization: 'The ActiveBundle does not have a "
                                        "registered bundle finalization handler' fails the job, nothing is committed")
 def test_bounded_kafka_job_on_flink_finishes_and_commits_the_end_offsets(bounded_kafka_run):

@@ -29,7 +29,9 @@ from tests.runner_helpers import (
     score_files,
 )
 
-PRISM = ["--runner", "PrismRunner", "--environment_type", "LOOPBACK"]
+# Beam keeps one Prism per process and reuses it; the tests stop theirs after each test (no_runner_left_behind),
+# so each run gets its own.
+PRISM = ["--runner", "PrismRunner", "--environment_type", "LOOPBACK", "--experiments", "disable_prism_server_singleton"]
 pytestmark = pytest.mark.usefixtures("no_runner_left_behind")
 
 
@@ -57,7 +59,6 @@ def test_bounded_kafka_job_on_prism_scores_like_the_in_process_runner_and_commit
     assert all_committed(kafka_config, topic_names("in"), topic_names("direct-group"))
 
 
-@pytest.mark.slow
 def test_streaming_job_on_prism_scores_and_commits_while_it_runs(recording, tmp_path, kafka_config, topic_names):
     replay([recording], kafka_config, topic_names("in"), partitions=2)
     sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded"])
