@@ -7,25 +7,25 @@ of MiB) and, for Kafka, a data folder, so every one started here is stopped
 three ways: by its owner's ``stop()`` (context managers, fixtures with
 ``finally``), by an ``atexit`` hook when the interpreter exits normally, and
 by the kernel (``PR_SET_PDEATHSIG``: SIGKILL when the process that started it
-dies, even by SIGKILL). Each broker runs in its own process group, so a
-Ctrl-C in the terminal reaches the owner, which then stops the broker in
-order, and not the broker directly.
+dies, even by SIGKILL), set by util-linux's ``setpriv`` before it execs the
+broker (a ``preexec_fn`` would run Python in the forked child, which is not
+safe while kafka-python's threads run). Each broker runs in its own process
+group, so a Ctrl-C in the terminal reaches the owner, which then stops the
+broker in order, and not the broker directly.
 """
 
 from __future__ import annotations
 
 import atexit
-import ctypes
+import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import weakref
 from pathlib import Path
 from typing import IO, Optional, Sequence
 
-_PR_SET_PDEATHSIG = 1
 _RUNNING: "weakref.WeakSet[subprocess.Popen]" = weakref.WeakSet()
 
 
@@ -45,10 +45,10 @@ def port_answers(port: int, host: str = "127.0.0.1") -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGKILL it when the parent dies (Linux; elsewhere atexit only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _dies_with_parent(command: Sequence[str]) -> list[str]:
+    """`command`, killed by the kernel when this process dies, where setpriv exists (Linux); else unchanged."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "SIGKILL", "--", *command] if setpriv else list(command)
 
 
 def start_owned(command: Sequence[str], log: Optional[Path] = None, cwd: Optional[Path] = None) -> subprocess.Popen:
@@ -59,8 +59,8 @@ def start_owned(command: Sequence[str], log: Optional[Path] = None, cwd: Optiona
     """
     out: IO | int = open(log, "ab") if log else subprocess.DEVNULL
     try:
-        process = subprocess.Popen(list(command), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   cwd=cwd, start_new_session=True, preexec_fn=_die_with_parent)
+        process = subprocess.Popen(_dies_with_parent(command), stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
     finally:
         if log:
             out.close()  # the child has its own copy

@@ -8,6 +8,7 @@ managers with ``bootstrap_servers`` (PLAINTEXT).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -25,6 +26,18 @@ def local_broker(name: str, folder: Optional[Path] = None) -> LocalBroker:
     if name == "kafka":
         return KafkaCluster(folder=folder)
     raise ValueError(f"broker must be one of {BROKERS}, not {name!r}")
+
+
+def broker_cpu_seconds(broker: LocalBroker) -> float:
+    """CPU time (user + system) the broker's processes have used so far: on two cores the broker competes with the job."""
+    pids = [node.process.pid for node in broker.nodes if node.process] if isinstance(broker, KafkaCluster) \
+        else [broker.pid] if broker.pid else []
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def add_broker_argument(parser, what: str) -> None:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beam_jobs.local_broker import add_broker_argument, local_broker
+from beam_jobs.local_broker import add_broker_argument, broker_cpu_seconds, local_broker
 from beam_jobs.simulator import LineSimulator, SimulatorConfig
 from schemas.serde import EVENT, AvroEncoder, ScoreHeadReader
 from transforms.kafka_client import KafkaConfig, ensure_topics, make_consumer, make_producer, partitions_of
@@ -141,10 +141,12 @@ def measure(args: argparse.Namespace) -> dict:
         try:
             wait_until_scoring(config, watcher)
             print(f"job is scoring; feeding {args.rate:g} events/s for {args.seconds:g} s", flush=True)
+            cpu_before = broker_cpu_seconds(broker)
             written = feed(config, args.rate, args.seconds, args.devices)
             deadline = time.time() + DRAIN_S
             while time.time() < deadline and not written.keys() <= watcher.seen_at.keys():
                 time.sleep(0.2)
+            broker_cpu_s = broker_cpu_seconds(broker) - cpu_before
         finally:
             job.send_signal(signal.SIGINT)
             job.wait(timeout=60)
@@ -154,7 +156,7 @@ def measure(args: argparse.Namespace) -> dict:
     return {"broker": args.broker, "rate": args.rate, "seconds": args.seconds, "events": len(written),
             "scored": len(latencies_ms),
             "p50_ms": round(p50), "p95_ms": round(p95), "p99_ms": round(p99),
-            "max_ms": round(max(latencies_ms, default=float("nan")))}
+            "max_ms": round(max(latencies_ms, default=float("nan"))), "broker_cpu_s": round(broker_cpu_s, 1)}
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -18,9 +18,9 @@ FLINK_VERSION="${FLINK_VERSION:-}"             # default: the fetched job server
 PARALLELISM="${PARALLELISM:-4}"
 CHECKPOINT_MS="${CHECKPOINT_MS:-60000}"
 STATE_URI="${STATE_URI:-}"                     # e.g. s3://bucket/sensor-scoring/checkpoints
-# Empty: the cluster's state.backend.type (deploy/flink-conf.yaml: rocksdb). The job server's classpath has no
-# RocksDB classes, so --state_backend=rocksdb fails at submission; set it only with a job server that has them.
-STATE_BACKEND="${STATE_BACKEND:-}"
+# The job's --state_backend needs --state_backend_storage_path: rocksdb with STATE_URI, else the cluster's
+# state.backend.type and state.checkpoints.dir (deploy/flink-conf.yaml).
+STATE_BACKEND="${STATE_BACKEND:-$([[ -n "$STATE_URI" ]] && echo rocksdb || true)}"
 ENVIRONMENT_TYPE="${ENVIRONMENT_TYPE:-DOCKER}" # DOCKER | PROCESS | EXTERNAL | LOOPBACK
 case "$ENVIRONMENT_TYPE" in
   DOCKER)   ENVIRONMENT_CONFIG="${SDK_IMAGE:?set SDK_IMAGE to the image built from deploy/Dockerfile}" ;;

@@ -26,12 +26,6 @@ NAME="beam-runners-flink-$FLINK-job-server-$BEAM"
 JAR="$CACHE/$NAME.jar"
 LIB="$NAME-lib"   # relative to $CACHE: manifest Class-Path entries are relative
 
-if [ -f "$JAR" ]; then
-  echo "$JAR"
-  exit 0
-fi
-command -v mvn >/dev/null || { echo "fetch_flink.sh: mvn not found (Maven 3.8+ is needed once)" >&2; exit 1; }
-
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cat > "$work/pom.xml" <<EOF
@@ -42,13 +36,22 @@ cat > "$work/pom.xml" <<EOF
     <dependency>
       <groupId>org.apache.beam</groupId><artifactId>beam-runners-flink-$FLINK</artifactId><version>$BEAM</version>
     </dependency>
+    <dependency><!-- the state_backend option rocksdb: without it the job server fails with ClassNotFoundException -->
+      <groupId>org.apache.flink</groupId><artifactId>flink-statebackend-rocksdb</artifactId><version>$FLINK.0</version>
+    </dependency>
     <dependency><!-- the shadow jar's logging binding -->
       <groupId>org.slf4j</groupId><artifactId>slf4j-simple</artifactId><version>1.7.36</version>
     </dependency>
   </dependencies>
 </project>
 EOF
-echo "fetching the Flink $FLINK job server (Beam $BEAM) into $CACHE (once, about 150 MB)" >&2
+# Cached when the jar is there and was built from this very pom.
+if [ -f "$JAR" ] && cmp -s "$work/pom.xml" "$CACHE/$NAME.pom"; then
+  echo "$JAR"
+  exit 0
+fi
+command -v mvn >/dev/null || { echo "fetch_flink.sh: mvn not found (Maven 3.8+ is needed once)" >&2; exit 1; }
+echo "fetching the Flink $FLINK job server (Beam $BEAM) into $CACHE (once, about 200 MB)" >&2
 mkdir -p "$CACHE"
 rm -rf "${CACHE:?}/$LIB.tmp"
 mvn -B -q -f "$work/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
@@ -71,4 +74,5 @@ with zipfile.ZipFile(jar, "w") as z:
                "Class-Path: " + "\n  ".join(entries) + "\n")
 PY
 mv "$JAR.tmp" "$JAR"
+cp "$work/pom.xml" "$CACHE/$NAME.pom"
 echo "$JAR"

@@ -97,10 +97,11 @@ def _cmdline(pid: int) -> str:
 def no_runner_left_behind() -> Iterator[None]:
     """After the test, pass or fail: stops any job server JVM or Prism this process started and Beam left running.
 
-    Beam keeps its job servers for reuse (a process-wide subprocess cache, and
-    PrismRunner's one shared server): each is removed through Beam, which
-    stops the process, and Prism's handle is replaced, so that the next test
-    starts a fresh server instead of reaching a dead port; what is left is killed.
+    Beam stops them only when the process exits (one JVM, about 500 MiB, per
+    Flink run) and keeps them for reuse: a process-wide subprocess cache and
+    PrismRunner's one shared server. Each is removed through Beam, which stops
+    the process, and Prism's handle is replaced, so that the next test starts a
+    fresh server instead of reaching a dead port; what is left is killed.
     """
     yield
     cache = SubprocessServer._cache

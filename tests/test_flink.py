@@ -20,16 +20,27 @@ streaming job reads nothing at all (docs/flink.md).
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
+from kafka import KafkaProducer
+
 from beam_jobs import sensor_scoring
 from beam_jobs.flink_runner import FETCHED_BEAM_VERSION, FETCHED_FLINK_VERSION, job_server_jar
+from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
+from beam_jobs.simulator import LineSimulator, SimulatorConfig
+from tests.kafka_helpers import committed_offsets, read_all
+from transforms.kafka_client import ensure_topics, read_topic
 from tests.runner_helpers import (
     EVENTS,
     JobProcess,
@@ -77,13 +88,11 @@ def bounded_kafka_run(recording, broker, tmp_path_factory):
     return config, topic, failure
 
 
-@pytest.mark.slow
 def test_bounded_kafka_job_on_flink_scores_every_event_like_the_in_process_runner(bounded_kafka_run):
     config, topic, _ = bounded_kafka_run
     assert_identical(kafka_scores(config, topic("direct-scores")), kafka_scores(config, topic("flink-scores")))
 
 
-@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="Flink batch has no bundle finalization: 'The ActiveBundle does not have a "
                                        "registered bundle finalization handler' fails the job, nothing is committed")
 def test_bounded_kafka_job_on_flink_finishes_and_commits_the_end_offsets(bounded_kafka_run):
@@ -110,16 +119,51 @@ def test_streaming_job_on_flink_scores_every_event_and_commits_after_checkpoints
                      kafka_scores(kafka_config, topic_names("flink-scores")))
 
 
-@pytest.fixture
-def standalone_cluster(tmp_path):
-    """deploy/start_flink_cluster.sh's cluster, one TaskManager with 2 slots, in a folder of the test's; stopped after."""
-    env = dict(os.environ, FLINK_CLUSTER_DIR=str(tmp_path / "cluster"), REST_PORT=str(_free_port()))
-    script = Path(__file__).resolve().parent.parent / "deploy" / "start_flink_cluster.sh"
+class Cluster:
+    """deploy/start_flink_cluster.sh's cluster in a folder of its own: 2 TaskManagers with 2 slots each."""
+
+    SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "start_flink_cluster.sh"
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.env = dict(os.environ, FLINK_CLUSTER_DIR=str(folder), REST_PORT=str(_free_port()), TASKMANAGERS="2")
+        self.master = f"localhost:{self.env['REST_PORT']}"
+
+    def script(self, command: str) -> None:
+        subprocess.run([str(self.SCRIPT), command], env=self.env, check=True, timeout=300)
+
+    def rest(self, path: str, body: dict | None = None, method: str = "GET") -> dict:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"http://{self.master}{path}", data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            raw = response.read()
+        return json.loads(raw) if raw else {}
+
+    def running_job(self) -> str:
+        return next(j["jid"] for j in self.rest("/jobs/overview")["jobs"] if j["state"] == "RUNNING")
+
+    def cancel_all(self) -> None:
+        for j in self.rest("/jobs/overview")["jobs"]:
+            if j["state"] not in ("FINISHED", "CANCELED", "FAILED"):
+                self.rest(f"/jobs/{j['jid']}?mode=cancel", method="PATCH")
+
+    def taskmanager_pids(self) -> list[int]:
+        pids = []
+        for pid_file in self.folder.glob("flink-*-taskexecutor.pid"):
+            pids += [int(line) for line in pid_file.read_text().split()]
+        return [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+
+
+@pytest.fixture(scope="module")
+def standalone_cluster(tmp_path_factory) -> Iterator[Cluster]:
+    """Started once for the module; stopped after, pass or fail."""
+    cluster = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
-        subprocess.run([str(script), "start"], env=env, check=True, timeout=300)
-        yield f"localhost:{env['REST_PORT']}"
+        cluster.script("start")
+        yield cluster
     finally:
-        subprocess.run([str(script), "stop"], env=env, timeout=120)
+        subprocess.run([str(Cluster.SCRIPT), "stop"], env=cluster.env, timeout=120)
 
 
 def _free_port() -> int:
@@ -128,10 +172,115 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(cluster: Cluster, config, topic, log: Path, **env: str) -> subprocess.Popen:
+    """deploy/launch_flink.sh, the streaming job, parallelism 2, checkpoints every 5 s, LOOPBACK workers."""
+    args = kafka_job_args(config, topic, "flink") + ["--status_interval_s", "0"]
+    return subprocess.Popen([str(Cluster.SCRIPT.parent / "launch_flink.sh"), *args[2:]],
+                            env=dict(cluster.env, FLINK_MASTER=cluster.master, KAFKA=config.bootstrap_servers,
+                                     PARALLELISM="2", CHECKPOINT_MS="5000", ENVIRONMENT_TYPE="LOOPBACK", **env),
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_launcher(launcher: subprocess.Popen) -> None:
+    if launcher.poll() is None:
+        os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+
+
+def produce_as_read(config, topic: str, records) -> None:
+    """The records again, each to its own partition with its own key and timestamp, acknowledged."""
+    producer = KafkaProducer(**config.client_kwargs(), acks="all")
+    for r in records:
+        producer.send(topic, key=r.key, value=r.value, partition=r.partition, timestamp_ms=r.timestamp)
+    producer.flush()
+    producer.close()
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(2)
+    raise AssertionError(f"no {what} within {timeout_s} s")
+
+
 @pytest.mark.slow
 def test_file_mode_on_a_standalone_cluster_with_parallelism_2_scores_like_the_in_process_runner(
         recording, tmp_path, standalone_cluster):
     direct = score_files(recording, tmp_path / "direct")
-    flink = score_files(recording, tmp_path / "flink", "--runner", "FlinkRunner", "--flink_master", standalone_cluster,
-                        "--environment_type", "LOOPBACK", "--parallelism", "2")
+    flink = score_files(recording, tmp_path / "flink", "--runner", "FlinkRunner", "--flink_master",
+                        standalone_cluster.master, "--environment_type", "LOOPBACK", "--parallelism", "2")
     assert_identical(file_scores(direct), file_scores(flink))
+
+
+@pytest.mark.slow
+def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording, tmp_path, standalone_cluster,
+                                                                      kafka_config, topic_names):
+    """Half the stream, stop with a savepoint, the other half from it: the scores of one uninterrupted run.
+
+    A device that had calibrated before the stop would calibrate again with its
+    state lost, and its scores would differ from the uninterrupted run's.
+    """
+    replay([recording], kafka_config, topic_names("all"), partitions=2)
+    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--input_topic", topic_names("all"),
+                        "--bounded"])
+    records = sorted(read_topic(kafka_config, topic_names("all")), key=lambda r: (r.partition, r.offset))
+    ends = {p: sum(1 for r in records if r.partition == p) for p in (0, 1)}
+    first = [r for r in records if r.offset < ends[r.partition] // 2]
+    second = [r for r in records if r.offset >= ends[r.partition] // 2]
+    ensure_topics(kafka_config, [topic_names("in")], partitions=2)
+    produce_as_read(kafka_config, topic_names("in"), first)
+    launcher = launch(standalone_cluster, kafka_config, topic_names, tmp_path / "first.log")
+    try:
+        wait_until(lambda: sum(v or 0 for v in committed_offsets(
+            kafka_config, topic_names("in"), topic_names("flink-group")).values()) == len(first), 180,
+            "commit of the first half")
+        job = standalone_cluster.running_job()
+        request = standalone_cluster.rest(f"/jobs/{job}/stop", {"drain": False}, method="POST")["request-id"]
+        status: dict = {}
+        wait_until(lambda: status.update(standalone_cluster.rest(f"/jobs/{job}/savepoints/{request}"))
+                   or status["status"]["id"] == "COMPLETED", 60, "savepoint")
+        savepoint = status["operation"]["location"]
+        launcher.wait(60)
+        produce_as_read(kafka_config, topic_names("in"), second)
+        launcher = launch(standalone_cluster, kafka_config, topic_names, tmp_path / "second.log", SAVEPOINT=savepoint)
+        wait_until(lambda: len(read_all(kafka_config, topic_names("flink-scores"))) >= EVENTS, 180, "every score")
+    finally:
+        standalone_cluster.cancel_all()
+        stop_launcher(launcher)
+    assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
+                     kafka_scores(kafka_config, topic_names("flink-scores")))
+
+
+@pytest.mark.slow
+def test_a_taskmanager_killed_mid_stream_loses_no_event(tmp_path, standalone_cluster, kafka_config, topic_names):
+    """SIGKILL to a TaskManager after a checkpoint, half the stream in: Flink restores it; every event scored.
+
+    The second half is sent after the kill, so the restored job has to read it.
+    """
+    events = 6000
+    recording = tmp_path / "many.avro"
+    write_events(recording, (e for e, _ in LineSimulator(SimulatorConfig(devices=20, seed=7)).take(events)))
+    replay([recording], kafka_config, topic_names("all"), partitions=4)
+    records = sorted(read_topic(kafka_config, topic_names("all")), key=lambda r: (r.partition, r.offset))
+    ends = {p: sum(1 for r in records if r.partition == p) for p in range(4)}
+    ensure_topics(kafka_config, [topic_names("in")], partitions=4)
+    produce_as_read(kafka_config, topic_names("in"), [r for r in records if r.offset < ends[r.partition] // 2])
+    launcher = launch(standalone_cluster, kafka_config, topic_names, tmp_path / "job.log")
+    try:
+        wait_until(lambda: len(read_all(kafka_config, topic_names("flink-scores"))) > 0, 180, "first scores")
+        job = standalone_cluster.running_job()
+        wait_until(lambda: standalone_cluster.rest(f"/jobs/{job}/checkpoints")["counts"]["completed"] > 0, 60,
+                   "checkpoint")
+        os.kill(standalone_cluster.taskmanager_pids()[0], signal.SIGKILL)
+        standalone_cluster.script("add-taskmanager")
+        produce_as_read(kafka_config, topic_names("in"), [r for r in records if r.offset >= ends[r.partition] // 2])
+        wait_until(lambda: len(kafka_scores(kafka_config, topic_names("flink-scores"))) == events, 300,
+                   "score for every event after the restore")
+        job = standalone_cluster.running_job()
+        restored = standalone_cluster.rest(f"/jobs/{job}/checkpoints")["latest"]["restored"]
+        assert restored and not restored["is_savepoint"], restored
+    finally:
+        standalone_cluster.cancel_all()
+        stop_launcher(launcher)

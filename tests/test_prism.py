@@ -31,7 +31,9 @@ from tests.runner_helpers import (
 )
 from tests.test_event_time_job import drift_records, metric
 
-PRISM = ["--runner", "PrismRunner", "--environment_type", "LOOPBACK"]
+# Beam keeps one Prism per process and reuses it; the tests stop theirs after each test (no_runner_left_behind),
+# so each run gets its own.
+PRISM = ["--runner", "PrismRunner", "--environment_type", "LOOPBACK", "--experiments", "disable_prism_server_singleton"]
 pytestmark = pytest.mark.usefixtures("no_runner_left_behind")
 
 

@@ -49,11 +49,11 @@ def scores_so_far(config: KafkaConfig) -> int:
 
 
 def leader_of_input_and_scores(cluster: KafkaCluster) -> int:
-    """A live node that leads at least one input partition and one score partition."""
-    inputs, scores = set(cluster.leaders("in").values()), set(cluster.leaders("scores").values())
-    both = sorted((inputs & scores) - {-1})
+    """The live node that leads an input and a score partition (the most of them, if several do)."""
+    inputs, scores = list(cluster.leaders("in").values()), list(cluster.leaders("scores").values())
+    both = (set(inputs) & set(scores)) - {-1}
     assert both, f"no node leads both an input and a score partition: {inputs}, {scores}"
-    return both[0]
+    return max(sorted(both), key=lambda node: inputs.count(node) + scores.count(node))
 
 
 def fully_replicated(cluster: KafkaCluster, topics: list[str]) -> bool:
