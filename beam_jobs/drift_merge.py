@@ -52,7 +52,8 @@ def build_merge_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, pa
     _ = (
         pipeline
         # The scoring processes write each partial with its window start as record timestamp.
-        | "ReadPartials" >> ReadFromKafkaPartitions(config, partitions, event_time_of=None)
+        | "ReadPartials" >> ReadFromKafkaPartitions(config, partitions, event_time_of=None,
+                                                    fetch_max_wait_ms=opts.fetch_max_wait_ms)
         | "DecodePartials" >> beam.ParDo(PartialsFromRecordsFn(opts.wire_format))
         | "Drift" >> drift_closer(opts, reference)
         | "WriteDrift" >> WriteToKafka(config, drift_topics(opts))

@@ -28,6 +28,16 @@ def local_broker(name: str, folder: Optional[Path] = None) -> LocalBroker:
     raise ValueError(f"broker must be one of {BROKERS}, not {name!r}")
 
 
+def job_flags(broker: Optional[LocalBroker]) -> list[str]:
+    """Job flags a broker needs beyond the defaults, which are Apache Kafka's (None: an outside broker).
+
+    Tansu holds a fetch that finds nothing for its whole max wait (Kafka
+    answers it when data arrives): at the default 500 ms a record written
+    just after a fetch waited up to half a second (benchmarks/broker_settings.py).
+    """
+    return ["--fetch_max_wait_ms", "50"] if isinstance(broker, EmbeddedBroker) else []
+
+
 def broker_cpu_seconds(broker: LocalBroker) -> float:
     """CPU time (user + system) the broker's processes have used so far: on two cores the broker competes with the job."""
     pids = [node.process.pid for node in broker.nodes if node.process] if isinstance(broker, KafkaCluster) \

@@ -30,7 +30,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from beam_jobs.kafka_cluster import KafkaNotInstalled
-from beam_jobs.local_broker import add_broker_argument, local_broker
+from beam_jobs.local_broker import add_broker_argument, job_flags, local_broker
 from beam_jobs.security_options import (
     KAFKA_SECURITY_OPTIONS,
     add_kafka_security_arguments,
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
               "the broker run_local.sh starts is reached over PLAINTEXT", file=sys.stderr)
         return 2
     with ExitStack() as stack:
+        broker = None
         if not bootstrap:
             try:
                 broker = stack.enter_context(local_broker(args.broker, Path("out/kafka")))
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.callback(counter.close)
         lag_probe = LagProbe(config)
         stack.callback(lag_probe.close)
-        job = start_job(bootstrap, [*kafka_security_argv(security), *job_args], args.log)
+        job = start_job(bootstrap, [*kafka_security_argv(security), *job_flags(broker), *job_args], args.log)
         stack.callback(stop_job, job)
         print(f"job started (pid {job.pid}, log {args.log}); feeding {args.devices} simulated machines", flush=True)
         print(f"live status lines in {args.log}; Prometheus metrics on http://localhost:{METRICS_PORT}/metrics "

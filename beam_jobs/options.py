@@ -46,6 +46,11 @@ _OPTIONS: list[tuple[str, str, dict]] = [
         default=None,
         help="comma-separated partitions of --input_topic this job reads, e.g. 0,2 (default: all); jobs on "
              "disjoint partitions share the work, as --local_processes does")),
+    ("Kafka", "--fetch_max_wait_ms", dict(
+        type=int, default=500,
+        help="how long the broker may hold a fetch that finds nothing new (default 500, Kafka's own: Apache Kafka "
+             "answers a held fetch as soon as data arrives); the embedded Tansu holds it the whole time, so "
+             "run_local.sh and the benchmarks pass 50 there")),
     ("Kafka", "--topic_partitions", dict(
         type=int, default=4, help="partitions of the topics the job creates because they are missing (default 4)")),
     ("Kafka", "--wire_format", dict(

@@ -45,6 +45,17 @@ def in_process_streaming(options: PipelineOptions) -> bool:
     return bool(standard.streaming) and runs_in_process(standard.runner)
 
 
+def calls_bundle_finalizers(options: PipelineOptions) -> bool:
+    """Whether the runner calls bundle finalizers, which the commit step registers its commits with.
+
+    Flink never does in batch (apache/beam #19525, #19526): the registration
+    itself fails the job there. A bounded job on Flink therefore commits its
+    end offsets once it has ended successfully (sensor_scoring.run).
+    """
+    standard = options.view_as(StandardOptions)
+    return bool(standard.streaming) or not flink_runner.is_flink(standard.runner)
+
+
 def new_pipeline(options: PipelineOptions) -> beam.Pipeline:
     """A pipeline for `options`, on the FnApiRunner without a state cache when it runs in this process."""
     runner = options.view_as(StandardOptions).runner

@@ -35,7 +35,7 @@ from beam_jobs.drift_output import write_drift
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config, watermark_policy
-from beam_jobs.pipelines import in_process_streaming, new_pipeline, run_to_end
+from beam_jobs.pipelines import calls_bundle_finalizers, in_process_streaming, new_pipeline, run_to_end
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError
 from models.rollout import RolloutError
@@ -60,10 +60,11 @@ _LOG = logging.getLogger("sensor_scoring")
 
 
 def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitions) -> None:
-    """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes."""
+    """Kafka -> ScoreSensorRecords -> Kafka, with offset commits after the writes (bundle finalizers)."""
     config = kafka_config(opts)
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(
-        config, partitions, event_time_of=EventTimeReader(opts.wire_format), policy=watermark_policy(opts))
+        config, partitions, event_time_of=EventTimeReader(opts.wire_format), policy=watermark_policy(opts),
+        fetch_max_wait_ms=opts.fetch_max_wait_ms)
     scoring = scoring_transform(opts, audit=bool(opts.audit_topic), in_process=in_process_streaming(pipeline.options))
     decoded, messages = records | "ScoreRecords" >> scoring
     topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
@@ -71,11 +72,9 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
         topics[AUDIT] = opts.audit_topic
     if opts.shadow_model_dir:
         topics[SHADOW_SCORES] = opts.shadow_score_topic
-    _ = (
-        messages
-        | "Write" >> WriteToKafka(config, topics)
-        | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
-    )
+    acknowledged = messages | "Write" >> WriteToKafka(config, topics)
+    if calls_bundle_finalizers(pipeline.options):  # else run() commits the end offsets once the job has succeeded
+        _ = acknowledged | "CommitOffsets" >> CommitOffsets(config, opts.consumer_group, partitions)
     write_drift(decoded, messages, pipeline.options, config)
 
 

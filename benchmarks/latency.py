@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from beam_jobs.local_broker import add_broker_argument, broker_cpu_seconds, local_broker
+from beam_jobs.local_broker import add_broker_argument, broker_cpu_seconds, job_flags, local_broker
 from beam_jobs.simulator import LineSimulator, SimulatorConfig
 from schemas.serde import EVENT, AvroEncoder, ScoreHeadReader
 from transforms.kafka_client import KafkaConfig, ensure_topics, make_consumer, make_producer, partitions_of
@@ -137,7 +137,7 @@ def measure(args: argparse.Namespace) -> dict:
         ensure_topics(config, [INPUT, SCORES, "latency-dead", "latency-drift", "latency-retrain"], partitions=4)
         watcher = ScoreWatcher(config)
         print(f"job log: {log}", flush=True)
-        job = start_job(broker.bootstrap_servers, args.job_args, log)
+        job = start_job(broker.bootstrap_servers, " ".join([*job_flags(broker), args.job_args]), log)
         try:
             wait_until_scoring(config, watcher)
             print(f"job is scoring; feeding {args.rate:g} events/s for {args.seconds:g} s", flush=True)

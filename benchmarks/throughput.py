@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from beam_jobs.local_broker import add_broker_argument, local_broker
+from beam_jobs.local_broker import add_broker_argument, job_flags, local_broker
 from beam_jobs.simulator import LineSimulator, SimulatorConfig, produce
 from models.artifact import BUNDLED_MODEL_DIR, load_artifact
 from schemas.serde import EVENT, SCORE, AvroDecoder, AvroEncoder, SerdeError
@@ -195,7 +195,7 @@ def measure(args: argparse.Namespace) -> dict:
                broker.bootstrap_servers, "--input_topic", INPUT, "--score_topic", JOB_SCORES,
                "--dead_letter_topic", "bench-dead", "--drift_topic", "bench-drift", "--retrain_topic",
                "bench-retrain", "--consumer_group", "bench", "--start_from", "earliest",
-               "--calibration_events", str(args.calibration_events), *shlex.split(args.job_args)]
+               "--calibration_events", str(args.calibration_events), *job_flags(broker), *shlex.split(args.job_args)]
         print(f"job: {' '.join(job[2:])}", flush=True)
         job_start, job_end, job_rss, job_cpu = timed_process(job, logs / "throughput-job.log")
         job_scores = read_processed_at(config, JOB_SCORES)

@@ -16,12 +16,13 @@ transforms/event_time.py). Only an internal topic whose records this job
 writes itself with the event time as record timestamp (the drift partials
 of ``--local_processes``) passes ``event_time_of=None`` to use it.
 
-``fetch_max_wait_ms`` (50, kafka-python's default is 500) bounds how long a
-fetch that finds nothing new is held by the broker. Kafka answers a held
-fetch as soon as data arrives, but the embedded Tansu broker holds it the
-whole time: with 500 ms a record written just after a fetch waited up to
-0.5 s before the job saw it (measured: 116 ms median at 500, 19 ms at 100,
-4 ms at 10). 50 ms costs at most 20 empty fetches a second per partition.
+``fetch_max_wait_ms`` (500, Kafka's default; the job's ``--fetch_max_wait_ms``)
+bounds how long the broker holds a fetch that finds nothing new. Apache Kafka
+answers a held fetch as soon as data arrives: a record reached ``poll()`` in
+2.7 ms median at 50 and at 500 (benchmarks/broker_settings.py), and 500 costs
+2 empty fetches a second per idle partition instead of 20. The embedded Tansu
+holds it the whole wait (16 ms median at 50, 130 ms at 500), so its launchers
+pass 50 (beam_jobs/local_broker.job_flags).
 
 ``max_records_per_call`` also bounds what is in flight: the in-process runner
 hands a downstream stage everything read since its last bundle, and offsets
@@ -187,7 +188,7 @@ class _ReadPartitionFn(beam.DoFn, WatermarkEstimatorProvider):
         max_seconds_per_call: float = 1.0,
         poll_timeout_ms: int = 200,
         idle_resume_s: float = 0.2,
-        fetch_max_wait_ms: int = 50,
+        fetch_max_wait_ms: int = 500,
     ):
         self._config = config
         self._event_time_of = event_time_of
