@@ -55,12 +55,15 @@ taskmanager.bind-host: localhost
 taskmanager.host: localhost
 taskmanager.numberOfTaskSlots: $SLOTS
 # Small: the Python SDK harness (torch) runs outside the TaskManager (LOOPBACK or EXTERNAL workers).
-taskmanager.memory.process.size: 1280m
+taskmanager.memory.process.size: 1536m
 taskmanager.memory.managed.size: 64m
 # The job's graph is wide (about 20 operators, all-to-all keyed shuffles): 64 MiB of network buffers was too few
-# for parallelism 2 ("Insufficient number of network buffers: required 512, but only 490 available").
-taskmanager.memory.network.min: 160m
-taskmanager.memory.network.max: 160m
+# for parallelism 2 ("Insufficient number of network buffers: required 512, but only 490 available"), and 160 MiB
+# for two jobs in a row on one TaskManager.
+taskmanager.memory.network.min: 256m
+taskmanager.memory.network.max: 256m
+# A job of parallelism 2 on two TaskManagers gets a slot on each, so losing either TaskManager fails it over.
+cluster.evenly-spread-out-slots: true
 parallelism.default: 1
 rest.address: localhost
 rest.bind-address: localhost
