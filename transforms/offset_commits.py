@@ -85,6 +85,9 @@ class _CommitContiguousFn(beam.DoFn):
     def setup(self) -> None:
         skip_module_globals_scan()
         self._consumer = make_consumer(self._config, group_id=self._group_id)
+        # What this worker has asked to commit: the advanced offset is in checkpointed state, but a commit
+        # registered before a crash is lost with the worker, so a restored one commits again.
+        self._committed_here: dict[str, int] = {}
 
     def teardown(self) -> None:
         self._consumer.close()
@@ -107,11 +110,13 @@ class _CommitContiguousFn(beam.DoFn):
         next_offset.write(after)
         pending.write(waiting)
         self._waiting.set(len(waiting))
-        if after > before:
+        if after > self._committed_here.get(key, self._start_offsets[key]):
             if not self._to_commit:
                 finalizer.register(functools.partial(self._commit, self._to_commit))
             self._to_commit[key] = after
-            yield key, after
+            self._committed_here[key] = after
+            if after > before:
+                yield key, after
 
     def _commit(self, to_commit: dict[str, int]) -> None:
         offsets = {}
