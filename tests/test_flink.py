@@ -35,6 +35,7 @@ import pytest
 from kafka import KafkaProducer
 
 from beam_jobs import sensor_scoring
+from beam_jobs.embedded_broker import free_port
 from beam_jobs.flink_runner import FETCHED_BEAM_VERSION, FETCHED_FLINK_VERSION, job_server_jar
 from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
@@ -53,6 +54,7 @@ from tests.runner_helpers import (
     record_line,
     score_files,
 )
+from tests.test_event_time_job import drift_records, metric
 
 FLINK = ["--runner", "FlinkRunner", "--flink_master", "[local]", "--environment_type", "LOOPBACK"]
 # A checkpoint before the Python workers have run the source's first bundle leaves the streaming job reading
@@ -104,22 +106,31 @@ def test_bounded_kafka_job_on_flink_finishes_and_commits_the_end_offsets(bounded
 
 
 @pytest.mark.slow
-def test_streaming_job_on_flink_scores_every_event_and_commits_after_checkpoints(recording, tmp_path, kafka_config,
-                                                                              topic_names):
+def test_streaming_job_on_flink_scores_commits_closes_windows_and_reclaims_devices(recording, tmp_path, kafka_config,
+                                                                                 topic_names):
+    """Checkpoints every 15 s: every event scored like the in-process runner, offsets committed after checkpoints,
+    every drift window closed with the bounded run's records, every idle device reclaimed by its timer."""
+    streaming_flags = ["--drift_window_s", "10", "--state_ttl_s", "20"]
     replay([recording], kafka_config, topic_names("in"), partitions=2)
-    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded"])
-    job = JobProcess([*kafka_job_args(kafka_config, topic_names, "flink"), *FLINK,
-                      "--checkpointing_interval", CHECKPOINT_MS,
+    sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded", *streaming_flags])
+    expected_drift = drift_records(kafka_config, topic_names("direct-drift"))
+    port = free_port()
+    job = JobProcess([*kafka_job_args(kafka_config, topic_names, "flink"), *FLINK, *streaming_flags,
+                      "--checkpointing_interval", CHECKPOINT_MS, "--metrics_port", str(port),
                       "--status_interval_s", "0"], tmp_path / "job.log")
     try:
         job.wait_for(lambda: len(kafka_scores(kafka_config, topic_names("flink-scores"))) == EVENTS, 150,
                      "score for every event")
         job.wait_for(lambda: all_committed(kafka_config, topic_names("in"), topic_names("flink-group")), 60,
                      "commit of the end offsets")
+        job.wait_for(lambda: len(drift_records(kafka_config, topic_names("flink-drift"))) == len(expected_drift),
+                     90, "every drift window closed")
+        job.wait_for(lambda: metric(port, "sensor_scoring_devices_expired_total") == 8, 90, "idle devices reclaimed")
     finally:
         job.stop()
     assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
                      kafka_scores(kafka_config, topic_names("flink-scores")))
+    assert drift_records(kafka_config, topic_names("flink-drift")) == expected_drift
 
 
 class Cluster:

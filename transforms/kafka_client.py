@@ -69,6 +69,7 @@ class PartitionDescriptor(NamedTuple):
 
 
 _FIRST_RETRY_S = 0.5
+_SASL_ATTEMPTS = 3
 _MAX_RETRY_S = 5.0
 
 
@@ -76,15 +77,20 @@ def _built(client_class: type, config: KafkaConfig, **kwargs):
     """A kafka-python client; KafkaAuthenticationFailed if it could not bootstrap because the broker refused its login.
 
     The broker's refusal and its closing of the connection race: a client sees
-    one or the other, so one attempt may only see connections closed.
+    one or the other, so one attempt may only see connections closed. With
+    SASL, a client that could not bootstrap and saw no refusal tries again,
+    up to three times in all, before its error stands.
     """
+    attempts = _SASL_ATTEMPTS if config.security.uses_sasl else 1
     with refused_logins() as refused:
-        try:
-            return client_class(**config.client_kwargs(), **kwargs)
-        except (KafkaError, OSError):
-            if refused.reason:  # a wrong password stays wrong: no retries
-                raise login_refused(config.bootstrap_servers, config.security, refused.reason) from None
-            raise
+        for attempt in range(1, attempts + 1):
+            try:
+                return client_class(**config.client_kwargs(), **kwargs)
+            except (KafkaError, OSError):
+                if refused.reason:  # a wrong password stays wrong: no retries
+                    raise login_refused(config.bootstrap_servers, config.security, refused.reason) from None
+                if attempt == attempts:
+                    raise
 
 
 def _admin_attempt(config: KafkaConfig, bootstrap_s: float) -> KafkaAdminClient:
