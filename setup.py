@@ -17,6 +17,10 @@ setup(
         "models": ["bundled/*.json", "bundled/*.pt", "bundled/*.md"],
     },
     install_requires=[
+        # Beam stays at 2.77: Maven Central serves no beam-runners-flink-*-job-server jar at any version, so
+        # scripts/fetch_flink.sh assembles the job server from the newest Flink runner whose dependencies all
+        # resolve there (beam-runners-flink-1.19 2.62.0); this SDK runs on it (tests/test_flink.py). Pinning to
+        # 2.62 would buy nothing: no 2.62 job-server jar is served either.
         "apache-beam==2.77.0",
         # Pinned: an unpinned torch pulls the CUDA build, gigabytes of it.
         "torch==2.13.0",
