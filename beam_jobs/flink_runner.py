@@ -21,6 +21,8 @@ from apache_beam.options.pipeline_options import FlinkRunnerOptions, JobServerOp
 from apache_beam.utils.subprocess_server import JavaJarServer
 from apache_beam.version import __version__ as beam_version
 
+from beam_jobs.options import SensorScoringOptions
+
 # What scripts/fetch_flink.sh fetches: the newest (Flink, Beam) job server whose Maven dependencies resolve here.
 FETCHED_FLINK_VERSION = "1.19"
 FETCHED_BEAM_VERSION = "2.62.0"
@@ -42,7 +44,17 @@ def job_server_jar(flink_version: str, version: str, cache_dir: Optional[str] = 
 
 
 def configure(options: PipelineOptions) -> None:
-    """Points a FlinkRunner without ``--flink_job_server_jar`` at the fetched job server, with a small heap."""
+    """Points a FlinkRunner without ``--flink_job_server_jar`` at the fetched job server, with a small heap.
+
+    It also finishes bundles before checkpoint barriers unless told otherwise:
+    Beam's Flink operators otherwise keep the output of a bundle cut by a
+    checkpoint in operator state until their next element, and the stage that
+    lists the partitions has one element only, so a checkpoint during the
+    first bundle (a slow worker start) left the job reading nothing.
+    """
+    job = options.view_as(SensorScoringOptions)
+    if job.finish_bundle_before_checkpointing is None:
+        job.finish_bundle_before_checkpointing = True
     flink = options.view_as(FlinkRunnerOptions)
     server = options.view_as(JobServerOptions)
     if not server.job_server_jvm_properties:

@@ -21,6 +21,14 @@ from transforms.event_time import WatermarkPolicy
 from transforms.kafka_client import START_FROM_CHOICES, KafkaConfig
 
 # (group, flag, argparse keywords): one table for parsing and for --help.
+
+def _true_or_false(text: str) -> bool:
+    """A boolean flag that can be turned off as well as on (argparse's store_true cannot)."""
+    if text.lower() not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() == "true"
+
+
 _OPTIONS: list[tuple[str, str, dict]] = [
     ("Kafka", "--bootstrap_servers", dict(
         default="localhost:9092", help="Kafka bootstrap servers, comma-separated (default localhost:9092)")),
@@ -169,6 +177,11 @@ _OPTIONS: list[tuple[str, str, dict]] = [
     ("Flink", "--savepoint_path", dict(default=None, help="savepoint to restore the job's state from (upgrades)")),
     ("Flink", "--allow_non_restored_state", dict(
         action="store_true", default=None, help="start from a savepoint even if some of its state has no operator")),
+    ("Flink", "--finish_bundle_before_checkpointing", dict(
+        type=_true_or_false, default=None,
+        help="finish the open bundle before each checkpoint barrier (default on Flink: true). Without it a bundle "
+             "cut by a checkpoint keeps its output in operator state until that operator's next element, and "
+             "the partition list, the only element of its stage, may never reach the reader (docs/flink.md)")),
 
 ]
 
