@@ -48,7 +48,8 @@ def kafka_job_args(config: KafkaConfig, topic: Callable[[str], str], name: str) 
     """The job's Kafka flags: input `topic('in')`, outputs and consumer group of their own for run `name`."""
     return ["--bootstrap_servers", config.bootstrap_servers, "--input_topic", topic("in"),
             "--score_topic", topic(f"{name}-scores"), "--dead_letter_topic", topic(f"{name}-dead"),
-            "--drift_topic", topic(f"{name}-drift"), "--consumer_group", topic(f"{name}-group"), *JOB_FLAGS]
+            "--drift_topic", topic(f"{name}-drift"), "--retrain_topic", topic(f"{name}-retrain"),
+            "--consumer_group", topic(f"{name}-group"), *JOB_FLAGS]
 
 
 def kafka_scores(config: KafkaConfig, topic: str) -> dict[str, dict]:

@@ -104,6 +104,11 @@ def drift_records(kafka_config, topic: str) -> dict[tuple[int, str], bytes]:
     return dict(zip(keys, records))
 
 
+def retrain_triggers(kafka_config, topic: str) -> list[bytes]:
+    """RetrainTrigger record bytes of `topic`, sorted: which partition a trigger lands in is not theirs to keep."""
+    return sorted(value for *_, value in read_all(kafka_config, topic))
+
+
 def bounded_run(kafka_config, names, events: list[dict], how: str) -> tuple[dict, dict]:
     produce(kafka_config, names("in"), events, record_timestamps(events, how))
     sensor_scoring.run(["--bounded", *job_arguments(kafka_config, names)])

@@ -8,14 +8,16 @@ it. That job server is Beam 2.62.0 on Flink 1.19, the newest served here
 
 What runs: file mode, byte-identical to the in-process runner; a bounded
 Kafka job's scores, byte-identical too; the streaming job with
-checkpointing every 15 s, every event scored (identically) and the offsets
-committed while it runs, from bundle finalizers after checkpoints. Flink
+checkpointing every second: every event scored (identically), drift
+windows and retrain triggers as in a bounded run, offsets committed while it
+runs from bundle finalizers after checkpoints, idle devices reclaimed. Flink
 runs a bounded job as a batch job, whose stages have no bundle finalization
 (registering one fails the job): there the job leaves the commit step out
 and commits the end offsets once the job has succeeded. On a standalone
-cluster (deploy/start_flink_cluster.sh) file mode
-with parallelism 2 gives the same scores. Not tested here because it fails: with checkpoints every 1 s the
-streaming job reads nothing at all (docs/flink.md).
+cluster (deploy/start_flink_cluster.sh): file mode with parallelism 2 gives
+the same scores; deploy/launch_flink.sh's streaming job keeps device state
+across a stop with a savepoint, and loses no event when a TaskManager is
+killed.
 """
 
 from __future__ import annotations
@@ -54,12 +56,12 @@ from tests.runner_helpers import (
     record_line,
     score_files,
 )
-from tests.test_event_time_job import drift_records, metric
+from tests.test_event_time_job import drift_records, metric, retrain_triggers
 
 FLINK = ["--runner", "FlinkRunner", "--flink_master", "[local]", "--environment_type", "LOOPBACK"]
-# A checkpoint before the Python workers have run the source's first bundle leaves the streaming job reading
-# nothing (every time at 1 s, now and then at 5 s on a busy machine; docs/flink.md): the first one comes later.
-CHECKPOINT_MS = "15000"
+# Checkpoints every 5 s; the [local] streaming test takes one every second, so that one lands in the partition
+# list's only bundle: without --finish_bundle_before_checkpointing (beam_jobs/flink_runner.py) that job read nothing.
+CHECKPOINT_MS = "5000"
 pytestmark = pytest.mark.usefixtures("no_runner_left_behind")
 
 
@@ -108,15 +110,18 @@ def test_bounded_kafka_job_on_flink_finishes_and_commits_the_end_offsets(bounded
 @pytest.mark.slow
 def test_streaming_job_on_flink_scores_commits_closes_windows_and_reclaims_devices(recording, tmp_path, kafka_config,
                                                                                  topic_names):
-    """Checkpoints every 15 s: every event scored like the in-process runner, offsets committed after checkpoints,
-    every drift window closed with the bounded run's records, every idle device reclaimed by its timer."""
-    streaming_flags = ["--drift_window_s", "10", "--state_ttl_s", "20"]
+    """Checkpoints every second: every event scored like the in-process runner, offsets committed after checkpoints,
+    every drift window closed with the bounded run's records and retrain triggers, every idle device reclaimed by
+    its timer."""
+    streaming_flags = ["--drift_window_s", "10", "--state_ttl_s", "20", "--retrain_after_windows", "1"]
     replay([recording], kafka_config, topic_names("in"), partitions=2)
     sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded", *streaming_flags])
     expected_drift = drift_records(kafka_config, topic_names("direct-drift"))
+    expected_triggers = retrain_triggers(kafka_config, topic_names("direct-retrain"))
+    assert expected_triggers, "the recording should drift somewhere"
     port = free_port()
     job = JobProcess([*kafka_job_args(kafka_config, topic_names, "flink"), *FLINK, *streaming_flags,
-                      "--checkpointing_interval", CHECKPOINT_MS, "--metrics_port", str(port),
+                      "--checkpointing_interval", "1000", "--metrics_port", str(port),
                       "--status_interval_s", "0"], tmp_path / "job.log")
     try:
         job.wait_for(lambda: len(kafka_scores(kafka_config, topic_names("flink-scores"))) == EVENTS, 150,
@@ -125,6 +130,8 @@ def test_streaming_job_on_flink_scores_commits_closes_windows_and_reclaims_devic
                      "commit of the end offsets")
         job.wait_for(lambda: len(drift_records(kafka_config, topic_names("flink-drift"))) == len(expected_drift),
                      90, "every drift window closed")
+        job.wait_for(lambda: retrain_triggers(kafka_config, topic_names("flink-retrain")) == expected_triggers, 30,
+                     "the bounded run's retrain triggers")
         job.wait_for(lambda: metric(port, "sensor_scoring_devices_expired_total") == 8, 90, "idle devices reclaimed")
     finally:
         job.stop()
@@ -187,7 +194,7 @@ def _free_port() -> int:
 
 
 def launch(cluster: Cluster, config, topic, log: Path, **env: str) -> subprocess.Popen:
-    """deploy/launch_flink.sh, the streaming job, parallelism 2, checkpoints every 15 s, LOOPBACK workers."""
+    """deploy/launch_flink.sh, the streaming job, parallelism 2, checkpoints every 5 s, LOOPBACK workers."""
     args = kafka_job_args(config, topic, "flink") + ["--status_interval_s", "0"]
     return subprocess.Popen([str(Cluster.SCRIPT.parent / "launch_flink.sh"), *args[2:]],
                             env=dict(cluster.env, FLINK_MASTER=cluster.master, KAFKA=config.bootstrap_servers,
@@ -229,15 +236,13 @@ def test_file_mode_on_a_standalone_cluster_with_parallelism_2_scores_like_the_in
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="flaky: in one of three full-suite runs the restarted job's devices "
-                                        "calibrated again (state not restored from the savepoint); under study, "
-                                        "issue 18")
 def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording, tmp_path, standalone_cluster,
                                                                       kafka_config, topic_names):
     """Half the stream, stop with a savepoint, the other half from it: the scores of one uninterrupted run.
 
     A device that had calibrated before the stop would calibrate again with its
-    state lost, and its scores would differ from the uninterrupted run's.
+    state lost, and its scores would differ from the uninterrupted run's. The
+    second job must say it was restored from that savepoint.
     """
     replay([recording], kafka_config, topic_names("all"), partitions=2)
     sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--input_topic", topic_names("all"),
@@ -263,6 +268,8 @@ def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording,
         produce_as_read(kafka_config, topic_names("in"), second)
         launcher = launch(standalone_cluster, kafka_config, topic_names, tmp_path / "second.log", SAVEPOINT=savepoint)
         wait_until(lambda: len(read_all(kafka_config, topic_names("flink-scores"))) >= EVENTS, 180, "every score")
+        restored = standalone_cluster.rest(f"/jobs/{standalone_cluster.running_job()}/checkpoints")["latest"]["restored"]
+        assert restored and restored["is_savepoint"] and restored["external_path"] == savepoint, (restored, savepoint)
     finally:
         standalone_cluster.cancel_all()
         stop_launcher(launcher)
