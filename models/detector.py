@@ -33,14 +33,15 @@ readings only: an imputed reading adds no evidence and moves nothing):
   a lasting residual); it sees changed dynamics, added noise and spikes;
 - *level*: ``m_j``, an EWMA (``level_span``) of z, against a reference
   ``ref_j`` that follows m slowly (EWMA, ``level_reference_span``) and holds
-  while reading j's evidence is above the threshold, in units of ``s_j``,
+  while reading j's evidence is above the threshold (for at most
+  ``level_hold`` events), in units of ``s_j``,
   the widest post-calibration wander of that reading among the training
   devices (models/train.py: level_scale):
   ``L_j = min(max(|m_j - ref_j|/s_j - level_deadband, 0)², cap)``. A change
   faster than the reference alarms and keeps alarming until the reading
   returns to where it was; wander slower than the reference is absorbed
-  (on SKAB's anomaly-free file a fixed calibration reference alarmed on a
-  third of normal rows);
+  (measured from the calibration instead, the level alone alarmed on 44 %
+  of the rows of SKAB's anomaly-free file cut into file-sized devices);
 - *stuck*: ``k_j``, the events reading j has repeated its value exactly, in
   units of its limit ``STUCK_MULTIPLE · (longest repeat in calibration +
   stuck_margin)`` (a coarsely quantised reading repeats in calibration too,
