@@ -92,6 +92,7 @@ class TypeResult:
     delays: list[int]
     alarm_share: float  # share of the fault window's events that alarm (model threshold)
     clean_detected: int  # the same windows without the fault that alarm: the base rate
+    clean_share: float  # share of the same windows' events that alarm without the fault
 
     @property
     def recall(self) -> float:
@@ -133,7 +134,8 @@ def evaluate(artifact: ModelArtifact, calibration_events: int, devices: int = 20
     clean = clean_scores[:, calibration_events:]
     fixed = float(np.quantile(clean, 1.0 - FIXED_FAR))
     factor = artifact.post_processing.factor
-    clean_detected = int(np.sum(np.any(clean_scores[:, start:start + FAULT_EVENTS] > factor, axis=1)))
+    clean_window = clean_scores[:, start:start + FAULT_EVENTS] > factor
+    clean_detected, clean_share = int(np.sum(np.any(clean_window, axis=1))), float(np.mean(clean_window))
     results = []
     for k, kind in enumerate(FAULT_TYPES):
         detected = detected_fixed = 0
@@ -149,7 +151,7 @@ def evaluate(artifact: ModelArtifact, calibration_events: int, devices: int = 20
             if len(alarms):
                 delays.append(int(alarms[0]))
         results.append(TypeResult(kind, len(fleet), detected, detected_fixed, delays, float(np.mean(shares)),
-                                  clean_detected))
+                                  clean_detected, clean_share))
     return FaultTypeReport(results, float(np.mean(clean > factor)), fixed)
 
 

@@ -36,7 +36,7 @@ import logging
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -46,7 +46,7 @@ from beam_jobs.embedded_broker import EmbeddedBroker
 from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
 from benchmarks import fault_types
-from benchmarks.skab_cv import EPOCHS, CrossValidation, alarms_for, cross_validate
+from benchmarks.skab_cv import EPOCHS, FREE_SEGMENT, CrossValidation, alarms_for, cross_validate, free_segments
 from benchmarks.skab_metrics import Counts, nab_scores
 from models.artifact import BUNDLED_MODEL_DIR, ModelArtifact, load_artifact
 from models.detector import PostProcessing
@@ -59,7 +59,6 @@ FREE_GROUP = "anomaly-free"
 LABEL_COLUMNS = ("anomaly", "changepoint")
 PLOTTED_FILES = 4
 CALIBRATION_EVENTS = 400  # SKAB's protocol: the first 400 rows of each file are training/calibration
-FREE_SEGMENT = 1150  # rows of a SKAB experiment file
 
 
 @dataclass(frozen=True)
@@ -224,15 +223,10 @@ def nab_line(scores: dict[str, float]) -> str:
 
 def free_segments_far(artifact: ModelArtifact, files: Sequence[SkabFile], post: PostProcessing) -> str:
     """The anomaly-free file cut into SKAB-file-sized devices: how often normal operation elsewhere alarms."""
-    free = [f for f in files if f.labels is None]
-    if not free:
-        return "no anomaly-free file"
-    rates = []
-    for start in range(0, len(free[0].readings) - FREE_SEGMENT + 1, FREE_SEGMENT // 2):
-        segment = replace(free[0], readings=free[0].readings[start:start + FREE_SEGMENT])
-        rates.append(alarms_for(artifact, segment, post, CALIBRATION_EVENTS)[CALIBRATION_EVENTS:].mean())
-    if not rates:
-        return f"the anomaly-free file is shorter than {FREE_SEGMENT} rows"
+    segments = free_segments(files, CALIBRATION_EVENTS)
+    if not segments:
+        return f"no anomaly-free file of at least {FREE_SEGMENT} rows"
+    rates = [alarms_for(artifact, s, post, CALIBRATION_EVENTS)[CALIBRATION_EVENTS:].mean() for s in segments]
     return (f"anomaly-free file as {len(rates)} devices of {FREE_SEGMENT} rows (half overlapping), each calibrated on "
             f"its first {CALIBRATION_EVENTS}: {100 * np.mean(rates):.1f}% of their later rows alarm (range "
             f"{100 * min(rates):.0f}-{100 * max(rates):.0f}%; training data, so optimistic)")
@@ -253,7 +247,8 @@ def report_cv(artifacts: Mapping[int, ModelArtifact], files: Sequence[SkabFile],
           f"(F1 {counts.f1 - c.f1:+.3f} against float)")
     for fold, choice in cv.choices:
         names = ", ".join(files[i].device_id for i in fold)
-        print(f"- fold {names}: chosen on the other folds: {choice.describe()}")
+        print(f"- fold {names}: chosen on the other folds: {choice.describe()} (anomaly-free segments alarm "
+              f"{cv.normal_far[choice]:.1f}%)")
     t, on_all = cv.tuned_counts, cv.chosen_on_all
     print(f"tuned on all these files (not a generalisation figure): {on_all.describe()}: F1 {t.f1:.3f}  "
           f"FAR {t.far:.2f}%  MAR {t.mar:.2f}%")

@@ -32,7 +32,7 @@ import hashlib
 import io
 import json
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +165,10 @@ def load_artifact(path: str | Path) -> ModelArtifact:
         PostProcessing(**spec["post_processing"])
     except TypeError as e:
         raise ModelArtifactError(f"{folder / _SPEC} has a bad post_processing: {e}") from None
+    lacking = sorted({f.name for f in fields(PostProcessing)} - set(spec["post_processing"]))
+    if lacking:  # written before the detector had them: its weights were fitted for another design
+        raise ModelArtifactError(f"{folder / _SPEC} has a bad post_processing: it lacks {', '.join(lacking)} "
+                                 "(an artifact of an earlier detector design; retrain it)")
     artifact = ModelArtifact(folder, spec, weights[_FORECASTER], weights[_HEAD])
     try:
         artifact.forecaster()

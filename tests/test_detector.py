@@ -4,9 +4,10 @@ The oracle runs the trained LstmForecaster's torch LSTM (not the numpy cell
 the detector steps) over the recording, imputing missing readings with
 numpy's own conditional-mean algebra blended with the forecast; without
 missing readings that is one full-sequence call. It applies the
-post-processing (residual and level evidence) with numpy over the whole
-sequence; the DeviceDetector gets the same readings one event at a time
-(calibration buffer, replay, eager forecasts).
+post-processing (residual, level and stuck evidence) with numpy over the
+whole sequence, the level's reference by a loop; the DeviceDetector gets the
+same readings one event at a time (calibration buffer, replay, eager
+forecasts).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 from apache_beam.coders import PickleCoder
 
 from models.artifact import ModelArtifact
-from models.detector import GAP_DECAY, DetectorState, DeviceDetector, PostProcessing, warm_up_events
+from models.detector import (GAP_DECAY, STUCK_MULTIPLE, DetectorState, DeviceDetector, PostProcessing, ewma_alpha,
+                             warm_up_events)
 from models.preprocessing import IMPUTER_RIDGE, fit_baseline, forward_fill
 from models.train import train
 from tests.test_artifact import write_recording
@@ -100,22 +102,43 @@ def ewma(values: np.ndarray, alpha: float, observed: np.ndarray) -> np.ndarray:
 
 
 def oracle(artifact: ModelArtifact, raw: np.ndarray, n: int = CALIBRATION) -> np.ndarray:
-    """The head rows of every event, computed over the whole sequence at once."""
+    """The head rows of every event: residual, level and repeats over the whole sequence, the reference by a loop.
+
+    The reference is the one sequential part that numpy cannot vectorise: it
+    holds while its reading's evidence is above the threshold.
+    """
     post, model = artifact.post_processing, artifact.forecaster()
     observed = ~np.isnan(raw)
     baseline = fit_baseline(forward_fill(raw[:n]))
     z, forecast = forecasts(model, np.nan_to_num((raw - baseline.median) / baseline.scale).astype(np.float32),
                             ~observed, np.nan_to_num((forward_fill(raw[:n]) - baseline.median) / baseline.scale))
-    contributions = np.zeros_like(z, dtype=np.float64)
-    contributions[1:] = ((z[1:] - forecast) / model.residual_scale.numpy()) ** 2
+    residual = np.zeros_like(z, dtype=np.float64)
+    residual[1:] = (z[1:] - forecast) / model.residual_scale.numpy()
+    follow_rate, centre_rate = ewma_alpha(post.level_reference_span), ewma_alpha(post.residual_centre_span)
+    centre = np.vstack([np.zeros((1, z.shape[1])), ewma(residual, centre_rate, observed)[:-1]])
+    squared = (residual - centre) ** 2
     skip = warm_up_events(n)
-    capped = np.minimum(contributions / np.maximum(contributions[skip:n].mean(axis=0), post.floor), post.cap)
-    residual = ewma(capped, post.alpha, observed)
-    level = max(np.quantile((residual * observed).max(axis=1)[skip:n], post.quantile), 1e-6)
-    smoothed_z = ewma(z.astype(np.float64), post.level_alpha, observed)
-    beyond = np.maximum(np.abs(smoothed_z) / model.level_scale.numpy() - post.level_deadband, 0)
-    evidence = (residual + level * np.minimum(beyond**2, post.cap)) * observed
-    rows = np.concatenate([evidence, observed, np.full((len(raw), 1), level)], axis=1)
+    capped = np.minimum(squared / np.maximum(squared[skip:n].mean(axis=0), post.floor), post.cap)
+    smoothed = ewma(capped, post.alpha, observed)
+    level = max(np.quantile((smoothed * observed).max(axis=1)[skip:n], post.quantile), 1e-6)
+    mean = ewma(z.astype(np.float64), post.level_alpha, observed)
+    repeats = np.zeros_like(mean)
+    for t in range(1, len(raw)):
+        previous = forward_fill(raw[:t])[-1]
+        repeats[t] = np.where(observed[t], np.where(raw[t] == previous, repeats[t - 1] + 1, 0), repeats[t - 1])
+    stuck = np.minimum((repeats / (STUCK_MULTIPLE * (repeats[:n].max(axis=0) + post.stuck_margin))) ** 2, post.cap)
+    evidence, reference, held = np.zeros_like(mean), np.zeros(z.shape[1]), np.zeros(z.shape[1])
+    for t in range(len(raw)):
+        if t < n:  # calibration: the reference follows
+            reference = np.where(observed[t], reference + follow_rate * (mean[t] - reference), reference)
+        beyond = np.maximum(np.abs(mean[t] - reference) / model.level_scale.numpy() - post.level_deadband, 0)
+        evidence[t] = (post.residual_weight * smoothed[t] + level * (np.minimum(beyond**2, post.cap) + stuck[t]))
+        if t >= n:
+            alarming = observed[t] & (evidence[t] > post.factor * level)
+            held = np.where(alarming, held + 1, np.where(observed[t], 0, held))
+            follow = observed[t] & ~(alarming & (held <= post.level_hold))
+            reference = np.where(follow, reference + follow_rate * (mean[t] - reference), reference)
+    rows = np.concatenate([evidence * observed, observed, np.full((len(raw), 1), level)], axis=1)
     rows[: n - 1] = np.concatenate([np.zeros_like(evidence[: n - 1]), observed[: n - 1],
                                     np.zeros((n - 1, 1))], axis=1)
     return rows
@@ -209,10 +232,9 @@ def test_a_held_step_on_a_reading_forecast_by_its_last_value_alarms_through_the_
     raw = readings(9, missing=0.0)
     raw[:, 0] -= np.where(np.arange(len(raw)) >= 150, 0.5, 0.0)  # no pressure step: only the temp step below
     sigma = np.std(raw[:CALIBRATION, temp])
-    # 25 sigma: the training devices' temp wanders 3.6 calibration sigmas (its level scale), and the level
-    # statistic alarms beyond (dead band 4 + 1.2) level scales
-    assert 3.0 < artifact.forecaster().level_scale[temp] < 4.0
-    raw[100:, temp] += 25 * sigma
+    # 8 level scales (s_j, how far the training devices' temp wanders after a calibration): the level statistic
+    # alarms beyond 1.2 level scales, and its reference holds while it alarms, so the alarm lasts as the step does
+    raw[100:, temp] += 8 * float(artifact.forecaster().level_scale[temp]) * sigma
     residual_only = scores_of(artifact, raw, replace(artifact.post_processing, level_deadband=np.inf))
     both = scores_of(artifact, raw)
     threshold = artifact.threshold
@@ -255,3 +277,61 @@ def test_a_state_pickled_before_the_level_statistic_still_loads(artifact, packed
     np.testing.assert_array_equal(loaded.mean, np.zeros(n))
     row, calibrating = d.update(loaded, raw[CALIBRATION + 5])
     assert not calibrating and np.all(np.isfinite(row))
+
+
+def test_a_packed_state_of_the_detector_before_the_reference_still_loads(artifact):
+    raw = readings(12)
+    d = detector(artifact)
+    state = d.new_state()
+    for values in raw[:CALIBRATION + 5]:
+        d.update(state, values)
+    floats = np.concatenate([state.weights, state.evidence, state.mean, state.gap, state.forecast,
+                             state.baseline.median, state.baseline.scale, state.imputer.centre,
+                             state.imputer.covariance.ravel()]).tobytes()
+    old = ("packed-2", state.events_seen, state.level, len(state.weights), None, True, True, floats,
+           np.concatenate([state.h, state.c]).tobytes())
+    loaded = DetectorState.__new__(DetectorState)
+    loaded.__setstate__(old)
+    np.testing.assert_array_equal(loaded.mean, state.mean)
+    np.testing.assert_array_equal(loaded.reference, np.zeros(len(state.weights)))
+    row, calibrating = d.update(loaded, raw[CALIBRATION + 5])
+    assert not calibrating and np.all(np.isfinite(row))
+
+
+def test_a_stuck_reading_alarms_and_a_coarsely_quantised_one_does_not(artifact):
+    """A reading that repeats its value alarms once the repeat is well past the longest of its calibration; a
+    reading quantised so coarsely that it repeats all the time gets a limit of its own; a gap neither extends nor
+    ends a repeat."""
+    raw = readings(13, steps=150, missing=0.0)
+    raw[:, 0] = np.round(raw[:, 0], 1)  # std 0.05 on a 0.1 grid: runs of equal values throughout
+    quantised = scores_of(artifact, raw)
+    assert np.mean(quantised[CALIBRATION:, 0] > artifact.threshold) < 0.05
+    stuck = raw.copy()
+    stuck[90:, 2] = stuck[90, 2]  # temp sticks
+    stuck[120:125, 2] = np.nan  # and drops out for a moment
+    scores = scores_of(artifact, stuck)
+    d = detector(artifact)
+    state = d.new_state()
+    for values in stuck[:125]:
+        d.update(state, values)
+    assert state.repeats[2] == 119 - 90
+    assert np.all(scores[110:120, 0] > artifact.threshold) and np.all(scores[125:, 0] > artifact.threshold)
+    assert np.all(scores[125:, 1 + 2] > 0.5)  # temp's contribution carries it
+
+
+def test_a_step_alarms_for_the_hold_and_a_slow_drift_is_absorbed(artifact):
+    """The level's reference holds for level_hold events of an alarm, so a step keeps alarming that long, then
+    follows (a new operating point does not alarm for ever); it follows a drift slower than its span, so that does
+    not alarm."""
+    post = artifact.post_processing
+    raw = readings(14, steps=200 + post.level_hold + 3 * post.level_reference_span, missing=0.0)
+    raw[150:, 0] -= 0.5  # readings() adds a pressure step at 150; not here
+    sigma = np.std(raw[:CALIBRATION, 0])
+    scale = float(artifact.forecaster().level_scale[0])
+    stepped, drifted = raw.copy(), raw.copy()
+    stepped[200:, 0] += 5 * scale * sigma
+    drifted[:, 0] += np.linspace(0, 3 * scale * sigma, len(raw))
+    scores = scores_of(artifact, stepped)[:, 0]
+    assert np.all(scores[260:200 + post.level_hold] > artifact.threshold)
+    assert np.all(scores[-post.level_reference_span // 2:] < artifact.threshold)
+    assert np.mean(scores_of(artifact, drifted)[CALIBRATION:, 0] > artifact.threshold) < 0.02

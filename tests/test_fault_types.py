@@ -1,8 +1,9 @@
 """Fault-type recall on a small simulated fleet, with a real model trained on that line's normal operation.
 
 Pins what the issue asks of the detector: a fault held for 100 events, of 6
-calibration sigmas on the reading it hits, alarms, whatever its type; a
-missing-data burst alarms no more than the same windows without it.
+calibration sigmas on the reading it hits, alarms on every machine, whatever
+its type (a stuck reading and spike bursts included); a missing-data burst
+alarms no more than the same windows without it.
 """
 
 from __future__ import annotations
@@ -37,24 +38,18 @@ def report(artifact):
     return {r.kind: r for r in evaluate(artifact, CALIBRATION, devices=DEVICES, size=6.0, seed=3).types}
 
 
-@pytest.mark.parametrize("kind", ["step", "drift", "variance", "correlated"])
+@pytest.mark.parametrize("kind", [k for k in FAULT_TYPES if k != "missing"])
 def test_a_six_sigma_fault_held_for_100_events_alarms_on_every_device(report, kind):
     assert report[kind].recall == 1.0
     assert np.median(report[kind].delays) <= 50
 
 
-@pytest.mark.parametrize("kind, least", [("spikes", 0.8), ("stuck", 0.3)])
-def test_bursts_and_stuck_sensors_alarm_on_many_devices(report, kind, least):
-    """A stuck reading is the weak type: no level moves, only the forecast of a lively reading misses (this small
-    model: 0.4, with 0.2 of the same windows alarming without a fault; the bundled model: 0.80)."""
-    assert report[kind].recall >= least
-    assert report[kind].recall > report[kind].clean_detected / report[kind].faults
-
-
 def test_a_missing_burst_alarms_no_more_than_the_same_windows_without_it(report):
+    """Imputed readings add no evidence: the windows alarm as they do without the gap (one machine of this fleet,
+    of a kind the small training fleet lacks, alarms on its own level changes with or without it)."""
     missing = report["missing"]
-    assert missing.detected <= missing.clean_detected + 1
-    assert missing.alarm_share < 0.02
+    assert missing.detected <= missing.clean_detected
+    assert missing.alarm_share <= missing.clean_share + 0.005
 
 
 def test_each_fault_changes_only_its_window_and_its_readings():

@@ -1,4 +1,4 @@
-"""SKAB's metrics: pooled point-wise counts, the NAB changepoint score, and the cross-validation folds."""
+"""SKAB's metrics: pooled point-wise counts, the NAB changepoint score, the cross-validation folds and choice."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 
 from benchmarks.skab import SkabFile
-from benchmarks.skab_cv import folds_of
+from benchmarks.skab_cv import FREE_SEGMENT, Choice, choose, folds_of, free_segments
 from benchmarks.skab_metrics import NAB_PROFILES, Counts, nab_raw, nab_scores
+from models.detector import PostProcessing
 
 TIMES = np.arange(0, 600_000, 1000)  # ten minutes at 1 Hz
 CHANGES = [120_000, 400_000]
@@ -60,3 +61,23 @@ def test_folds_deal_each_groups_labelled_files_round_robin():
     files = [f("anomaly-free-anomaly-free", False)] + [f(f"valve1-{i}") for i in range(6)] + [f("other-0")]
     folds = folds_of(files, 4)
     assert folds == [[1, 5, 7], [2, 6], [3], [4]]
+
+
+def test_the_anomaly_free_file_is_cut_into_half_overlapping_file_sized_devices_labelled_normal():
+    rows = 2 * FREE_SEGMENT + 10
+    free = SkabFile("anomaly-free-anomaly-free", np.arange(rows) * 1000, ("x",), np.arange(rows)[:, None] * 1.0, None)
+    segments = free_segments([free], 400)
+    assert [s.readings[0, 0] for s in segments] == [0, FREE_SEGMENT // 2, 2 * (FREE_SEGMENT // 2)]
+    assert all(len(s.readings) == len(s.times_ms) == len(s.labels) == FREE_SEGMENT for s in segments)
+    assert all(not s.labels.any() for s in segments)
+
+
+def test_the_choice_respects_the_false_alarm_bound_on_normal_operation_elsewhere():
+    """The best F1 on the labelled files loses to a worse one when the anomaly-free segments alarm too often."""
+    labels = np.r_[np.zeros(500), np.ones(100)]
+    files = [SkabFile("valve1-0", TIMES, ("x",), np.zeros((600, 1)), labels)]
+    perfect, late = Choice(30, PostProcessing(factor=1.0)), Choice(30, PostProcessing(factor=2.0))
+    alarms = {perfect: {0: labels.astype(bool)}, late: {0: np.r_[np.zeros(550), np.ones(50)].astype(bool)}}
+    assert choose(files, alarms, [0], 400, {perfect: 5.0, late: 5.0}) == perfect
+    assert choose(files, alarms, [0], 400, {perfect: 30.0, late: 5.0}) == late
+    assert choose(files, alarms, [0], 400, {perfect: 30.0, late: 20.0}) == late  # none within: the lowest FAR
