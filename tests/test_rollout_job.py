@@ -67,7 +67,7 @@ def without(score: dict, *fields: str) -> dict:
 def variants(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("variants")
     return {"relabelled": model_variant(root / "relabelled", "relabelled-v2"),
-            "retuned": model_variant(root / "retuned", "retuned-v3", cap=6.0, factor=1.2)}
+            "retuned": model_variant(root / "retuned", "retuned-v3", cap=6.0, factor=1.2, residual_weight=1.0)}
 
 
 def test_canary_and_shadow_in_one_run_and_the_rollout_report(kafka_config, topic_names, variants, capsys):
