@@ -17,7 +17,7 @@ import logging
 import os
 from typing import Optional
 
-from apache_beam.options.pipeline_options import FlinkRunnerOptions, JobServerOptions, PipelineOptions
+from apache_beam.options.pipeline_options import FlinkRunnerOptions, JobServerOptions, PipelineOptions, PortableOptions
 from apache_beam.utils.subprocess_server import JavaJarServer
 from apache_beam.version import __version__ as beam_version
 
@@ -30,6 +30,8 @@ _LOG = logging.getLogger(__name__)
 # The job server JVM's heap, MiniCluster included: the file-mode job peaked at 527 MiB resident with it
 # (docs/flink.md); Java's default heap, a quarter of the machine's memory, is too much on a shared 2-core machine.
 JOB_SERVER_JVM_PROPERTIES = ["-Xmx768m", "-XX:+UseSerialGC"]
+# How long a TaskManager keeps its Python workers after its last task ends (configure's docstring).
+ENVIRONMENT_CACHE_MS = 10_000
 
 
 def is_flink(runner: Optional[str]) -> bool:
@@ -46,6 +48,13 @@ def job_server_jar(flink_version: str, version: str, cache_dir: Optional[str] = 
 def configure(options: PipelineOptions) -> None:
     """Points a FlinkRunner without ``--flink_job_server_jar`` at the fetched job server, with a small heap.
 
+    It keeps a TaskManager's Python workers for ``ENVIRONMENT_CACHE_MS``
+    after its last task ends, unless ``--environment_cache_millis`` says
+    otherwise: Beam's default (0) closes them as soon as no task holds them,
+    and on a cluster a batch job's next stage then started on a closing
+    worker now and then ("SDK harness closed connection"; the retried
+    FinalizeWrite found its files gone and the job failed).
+
     It also finishes bundles before checkpoint barriers unless told otherwise:
     Beam's Flink operators otherwise keep the output of a bundle cut by a
     checkpoint in operator state until their next element, and the stage that
@@ -55,6 +64,9 @@ def configure(options: PipelineOptions) -> None:
     job = options.view_as(SensorScoringOptions)
     if job.finish_bundle_before_checkpointing is None:
         job.finish_bundle_before_checkpointing = True
+    portable = options.view_as(PortableOptions)
+    if not portable.environment_cache_millis:
+        portable.environment_cache_millis = ENVIRONMENT_CACHE_MS
     flink = options.view_as(FlinkRunnerOptions)
     server = options.view_as(JobServerOptions)
     if not server.job_server_jvm_properties:

@@ -17,14 +17,15 @@
 # Override with FLINK_JOB_SERVER_BEAM / FLINK_JOB_SERVER_FLINK when a newer
 # pair is served.
 #
-# One fix is compiled into it (scripts/flink-sdf-residuals.patch, from the
-# runner's source jars): Beam up to 2.7x keeps every self-checkpoint residual
-# of a splittable DoFn under a state id of its own and never removes it
-# (apache/beam #27648), so an idle streaming job's checkpoints grew by about
-# 10 KB/s with two partitions. Patched, all residuals of a partition share one
-# map state and each is removed when resumed: the checkpoints stay flat
-# (docs/flink.md). A version the patch does not apply to is left as it is.
-#   scripts/fetch_flink.sh          # prints the jar's path; quiet when cached
+# Two fixes are compiled into it (scripts/flink-job-server.patch, from the
+# runners' source jars; docs/flink.md has the measurements):
+#  - Beam up to 2.7x keeps every self-checkpoint residual of a splittable DoFn
+#    under a state id of its own and never removes it (apache/beam #27648): an
+#    idle streaming job's checkpoints grew by about 10 KB/s with two partitions;
+#  - fused stages were named in hash-set order, and the Flink runner uses the
+#    name as the operator uid savepoints map state by: a job restarted from a
+#    savepoint could find its device states empty (3 restarts of 5).
+# A version the patch does not apply to is left as it is.
 set -euo pipefail
 
 BEAM="${FLINK_JOB_SERVER_BEAM:-2.62.0}"
@@ -53,26 +54,27 @@ cat > "$work/pom.xml" <<EOF
   </dependencies>
 </project>
 EOF
-PATCH="$(cd "$(dirname "$0")" && pwd)/flink-sdf-residuals.patch"
+PATCH="$(cd "$(dirname "$0")" && pwd)/flink-job-server.patch"
 cat "$work/pom.xml" "$PATCH" > "$work/stamp"
 # Cached when the jar is there and was built from this very pom and patch.
 if [ -f "$JAR" ] && cmp -s "$work/stamp" "$CACHE/$NAME.stamp"; then
   echo "$JAR"
   exit 0
 fi
-# The two classes of scripts/flink-sdf-residuals.patch, compiled against the
-# resolved jars and written into them (same names, so every classpath built
-# from the lib folder, the cluster's job jars included, gets the fix).
-patch_residual_state() {
-  local lib="$1" src="$work/src" classes="$work/classes"
+# The classes of scripts/flink-job-server.patch, compiled against the
+# resolved jars and written into the jars they come from (same names, so every
+# classpath built from the lib folder, the cluster's job jars included, gets them).
+patch_job_server() {
+  local lib="$1" src="$work/src" classes="$work/classes" artifact
   mkdir -p "$src" "$classes"
-  mvn -B -q dependency:copy -Dartifact="org.apache.beam:beam-runners-flink-$FLINK:$BEAM:jar:sources" \
-      -DoutputDirectory="$work/sources" >>"$work/mvn.log" 2>&1 \
-    && mvn -B -q dependency:copy -Dartifact="org.apache.beam:beam-runners-java-fn-execution:$BEAM:jar:sources" \
-      -DoutputDirectory="$work/sources" >>"$work/mvn.log" 2>&1 \
-    && mvn -B -q dependency:copy -Dartifact=com.github.spotbugs:spotbugs-annotations:4.8.6 \
+  for artifact in "beam-runners-flink-$FLINK:$BEAM" "beam-runners-java-fn-execution:$BEAM" "beam-sdks-java-core:$BEAM"; do
+    mvn -B -q dependency:copy -Dartifact="org.apache.beam:${artifact%%:*}:${artifact##*:}:jar:sources" \
+        -DoutputDirectory="$work/sources" >>"$work/mvn.log" 2>&1 \
+      || { tail -20 "$work/mvn.log" >&2; echo "fetch_flink.sh: Maven could not fetch $artifact's sources" >&2; exit 1; }
+  done
+  mvn -B -q dependency:copy -Dartifact=com.github.spotbugs:spotbugs-annotations:4.8.6 \
       -DoutputDirectory="$work/compile-only" >>"$work/mvn.log" 2>&1 \
-    || { tail -20 "$work/mvn.log" >&2; echo "fetch_flink.sh: Maven could not fetch the runner's sources" >&2; exit 1; }
+    || { tail -20 "$work/mvn.log" >&2; echo "fetch_flink.sh: Maven could not fetch spotbugs-annotations" >&2; exit 1; }
   local files
   files=$(grep '^+++ ' "$PATCH" | cut -c5-)
   for jar in "$work"/sources/*.jar; do (cd "$src" && unzip -q -o "$jar" $files 2>/dev/null || true); done
@@ -83,8 +85,27 @@ patch_residual_state() {
   (cd "$src" && patch -s -p0 < "$PATCH")
   (cd "$src" && javac -nowarn --release 8 -proc:none -cp "$lib/*:$work/compile-only/*" -d "$classes" $files) \
     2> >(grep -v '^Note:\|warning: \[options\]\|^1 warning' >&2)
-  (cd "$classes" && jar uf "$lib/beam-runners-flink-$FLINK-$BEAM.jar" org/apache/beam/runners/flink \
-    && jar uf "$lib/beam-runners-java-fn-execution-$BEAM.jar" org/apache/beam/runners/fnexecution)
+  replace_classes "$lib/beam-runners-flink-$FLINK-$BEAM.jar" "$classes" org/apache/beam/runners/flink
+  replace_classes "$lib/beam-runners-java-fn-execution-$BEAM.jar" "$classes" org/apache/beam/runners/fnexecution
+  replace_classes "$lib/beam-sdks-java-core-$BEAM.jar" "$classes" org/apache/beam/sdk/util/construction
+}
+
+# replace_classes JAR CLASSES PACKAGE: the jar again, with the .class files of CLASSES under PACKAGE in
+# place of its own (`jar uf` refuses jars with duplicate entries, as beam-sdks-java-core's).
+replace_classes() {
+  python3 -W ignore - "$@" <<'PY'
+import os, sys, zipfile
+jar, classes, package = sys.argv[1:]
+new = {os.path.relpath(os.path.join(d, f), classes): os.path.join(d, f)
+       for d, _, files in os.walk(os.path.join(classes, package)) for f in files}
+with zipfile.ZipFile(jar) as old, zipfile.ZipFile(jar + ".new", "w", zipfile.ZIP_DEFLATED) as out:
+    for item in old.infolist():
+        if item.filename not in new:
+            out.writestr(item, old.read(item))
+    for name, path in sorted(new.items()):
+        out.write(path, name)
+os.replace(jar + ".new", jar)
+PY
 }
 
 command -v mvn >/dev/null || { echo "fetch_flink.sh: mvn not found (Maven 3.8+ is needed once)" >&2; exit 1; }
@@ -96,7 +117,7 @@ mvn -B -q -f "$work/pom.xml" dependency:copy-dependencies -DincludeScope=runtime
   -DoutputDirectory="$CACHE/$LIB.tmp" >"$work/mvn.log" 2>&1 \
   || { tail -20 "$work/mvn.log" >&2; echo "fetch_flink.sh: Maven could not resolve the job server" >&2; exit 1; }
 
-patch_residual_state "$CACHE/$LIB.tmp"
+patch_job_server "$CACHE/$LIB.tmp"
 rm -rf "${CACHE:?}/$LIB"
 mv "$CACHE/$LIB.tmp" "$CACHE/$LIB"
 # A jar with only a manifest, as Beam's own make_classpath_jar writes one:
