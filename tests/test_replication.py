@@ -85,7 +85,9 @@ def test_job_keeps_scoring_when_partition_leaders_are_killed(tmp_path):
     with KafkaCluster(3, folder=tmp_path / "kafka", heap_mb=384) as cluster:
         config = cluster.config()
         ensure_topics(config, ["in", "scores", "dead", "drift"], partitions=4)
-        assert cluster.leaders("in") and fully_replicated(cluster, ["in", "scores"])
+        # A new topic's metadata reaches the other nodes a moment after its creation is acknowledged.
+        _wait_for(lambda: len(cluster.leaders("in")) == 4 and fully_replicated(cluster, ["in", "scores"]), 30,
+                  "the new topics' leaders and in-sync replicas")
         job = start_job(cluster.bootstrap_servers, log)
         fed, failures = threading.Event(), []
         feeder = threading.Thread(target=feed, args=(cluster, events, fed, failures), daemon=True)
