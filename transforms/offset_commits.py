@@ -85,8 +85,10 @@ class _CommitContiguousFn(beam.DoFn):
     def setup(self) -> None:
         skip_module_globals_scan()
         self._consumer = make_consumer(self._config, group_id=self._group_id)
-        # What this worker has asked to commit: the advanced offset is in checkpointed state, but a commit
-        # registered before a crash is lost with the worker, so a restored one commits again.
+        # What this worker's commits have reached, once the broker accepted them: the advanced offset is in
+        # checkpointed state, but a commit registered before a crash or a restart may never run (its
+        # finalizer is lost), and a runner may keep this instance across a restart, so only an accepted
+        # commit counts; until then every element that reaches past it asks again.
         self._committed_here: dict[str, int] = {}
 
     def teardown(self) -> None:
@@ -114,16 +116,21 @@ class _CommitContiguousFn(beam.DoFn):
             if not self._to_commit:
                 finalizer.register(functools.partial(self._commit, self._to_commit))
             self._to_commit[key] = after
-            self._committed_here[key] = after
             if after > before:
                 yield key, after
 
     def _commit(self, to_commit: dict[str, int]) -> None:
+        """The bundle's finalizer: commits what it advanced, never behind what this worker committed before."""
+        ahead = {key: offset for key, offset in to_commit.items()
+                 if offset > self._committed_here.get(key, self._start_offsets[key])}
+        if not ahead:
+            return
         offsets = {}
-        for key, offset in to_commit.items():
+        for key, offset in ahead.items():
             topic, partition = key.rsplit(":", 1)
             offsets[TopicPartition(topic, int(partition))] = OffsetAndMetadata(offset, "", -1)
         self._consumer.commit(offsets)
+        self._committed_here.update(ahead)
         self._commits.inc(len(offsets))
         _LOG.debug("committed %s", offsets)
 
