@@ -46,7 +46,8 @@ from beam_jobs.embedded_broker import EmbeddedBroker
 from beam_jobs.recordings import write_events
 from beam_jobs.replay import replay
 from benchmarks import fault_types
-from benchmarks.skab_cv import EPOCHS, FREE_SEGMENT, CrossValidation, alarms_for, cross_validate, free_segments
+from benchmarks.skab_cv import (EPOCHS, FREE_SEGMENT, CrossValidation, alarms_for, cross_validate, free_segments,
+                                segment_alarm_rates)
 from benchmarks.skab_metrics import Counts, nab_scores
 from models.artifact import BUNDLED_MODEL_DIR, ModelArtifact, load_artifact
 from models.detector import PostProcessing
@@ -223,10 +224,10 @@ def nab_line(scores: dict[str, float]) -> str:
 
 def free_segments_far(artifact: ModelArtifact, files: Sequence[SkabFile], post: PostProcessing) -> str:
     """The anomaly-free file cut into SKAB-file-sized devices: how often normal operation elsewhere alarms."""
-    segments = free_segments(files, CALIBRATION_EVENTS)
+    segments = free_segments(files)
     if not segments:
         return f"no anomaly-free file of at least {FREE_SEGMENT} rows"
-    rates = [alarms_for(artifact, s, post, CALIBRATION_EVENTS)[CALIBRATION_EVENTS:].mean() for s in segments]
+    rates = segment_alarm_rates(artifact, segments, post, CALIBRATION_EVENTS)
     return (f"anomaly-free file as {len(rates)} devices of {FREE_SEGMENT} rows (half overlapping), each calibrated on "
             f"its first {CALIBRATION_EVENTS}: {100 * np.mean(rates):.1f}% of their later rows alarm (range "
             f"{100 * min(rates):.0f}-{100 * max(rates):.0f}%; training data, so optimistic)")

@@ -52,7 +52,7 @@ GRID = tuple(PostProcessing(factor=factor, level_reference_span=reference)
              for factor in (1.0, 1.25, 1.5, 2.0) for reference in (150, 200, 300))
 
 
-def free_segments(files: Sequence["SkabFile"], calibration_events: int) -> list["SkabFile"]:
+def free_segments(files: Sequence["SkabFile"]) -> list["SkabFile"]:
     """The anomaly-free file cut into devices of FREE_SEGMENT rows, half overlapping, labelled all normal."""
     free = [f for f in files if f.labels is None]
     if not free or len(free[0].readings) < FREE_SEGMENT:
@@ -114,10 +114,16 @@ def choose(files: Sequence["SkabFile"], alarms: dict[Choice, dict[int, np.ndarra
     return max(alarms, key=rank)
 
 
+def segment_alarm_rates(artifact: ModelArtifact, segments: Sequence["SkabFile"], post: PostProcessing,
+                        calibration_events: int) -> list[float]:
+    """Per segment, the share of its rows after calibration that alarm."""
+    return [float(alarms_for(artifact, s, post, calibration_events)[calibration_events:].mean()) for s in segments]
+
+
 def normal_alarm_rate(artifact: ModelArtifact, segments: Sequence["SkabFile"], post: PostProcessing,
                       calibration_events: int) -> float:
     """Per cent of the segments' rows after calibration that alarm, averaged over segments (0 without segments)."""
-    rates = [alarms_for(artifact, s, post, calibration_events)[calibration_events:].mean() for s in segments]
+    rates = segment_alarm_rates(artifact, segments, post, calibration_events)
     return 100 * float(np.mean(rates)) if rates else 0.0
 
 
@@ -139,15 +145,15 @@ def cross_validate(artifacts: Mapping[int, ModelArtifact], files: Sequence["Skab
     """Leave-folds-out choice of the training steps (`artifacts` by epochs) and the post-processing."""
     fold_indices = folds_of(files, folds)
     everything = [i for fold in fold_indices for i in fold]
-    segments = free_segments(files, calibration_events)
+    segments = free_segments(files)
     alarms, normal_far = {}, {}
     for epochs, artifact in artifacts.items():
         for point in grid:
             post = replace(artifact.post_processing, factor=point.factor,
                            level_reference_span=point.level_reference_span)
-            alarms[Choice(epochs, post)] = {i: alarms_for(artifact, files[i], post, calibration_events)
-                                            for i in everything}
-            normal_far[Choice(epochs, post)] = normal_alarm_rate(artifact, segments, post, calibration_events)
+            choice = Choice(epochs, post)
+            alarms[choice] = {i: alarms_for(artifact, files[i], post, calibration_events) for i in everything}
+            normal_far[choice] = normal_alarm_rate(artifact, segments, post, calibration_events)
     counts, choices, cv_alarms = Counts(), [], {}
     for fold in fold_indices:
         tuning = [i for i in everything if i not in fold] or fold  # one fold only: nothing held out

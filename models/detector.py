@@ -340,8 +340,12 @@ class DeviceDetector:
         alarming = observed & (evidence > self._post.factor * state.level)
         state.held = np.where(alarming, state.held + 1, np.where(observed, 0.0, state.held))
         holding = alarming & (state.held <= self._post.level_hold)
+        self._move_reference(state, observed & ~holding)
+
+    def _move_reference(self, state: DetectorState, moving: np.ndarray) -> None:
+        """ref_j one EWMA step (level_reference_span) toward m_j, for the readings in `moving`."""
         a = ewma_alpha(self._post.level_reference_span)
-        state.reference = np.where(observed & ~holding, a * state.mean + (1 - a) * state.reference, state.reference)
+        state.reference = np.where(moving, a * state.mean + (1 - a) * state.reference, state.reference)
 
     def _calibrate(self, state: DetectorState) -> None:
         """Fits the baseline, replays the buffered events, fits weights, alarm level and stuck limits; causal.
@@ -361,11 +365,10 @@ class DeviceDetector:
         skip = warm_up_events(len(rows))
         state.weights = np.maximum(squared[skip:].mean(axis=0), self._post.floor)
         scores, longest = [], np.zeros(len(state.weights))
-        a = ewma_alpha(self._post.level_reference_span)
         for row, s, (_, z) in zip(rows, squared, replayed):
             observed = ~np.isnan(row)
             self._accumulate(state, s, z, row, observed)
-            state.reference = np.where(observed, a * state.mean + (1 - a) * state.reference, state.reference)
+            self._move_reference(state, observed)
             longest = np.maximum(longest, state.repeats)
             scores.append(np.max(state.evidence * observed))
         state.level = max(float(np.quantile(scores[skip:], self._post.quantile)), LEVEL_FLOOR)

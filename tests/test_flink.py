@@ -26,7 +26,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -140,8 +139,18 @@ def test_streaming_job_on_flink_scores_commits_closes_windows_and_reclaims_devic
     assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
                      kafka_scores(kafka_config, topic_names("flink-scores")))
     assert drift_records(kafka_config, topic_names("flink-drift")) == expected_drift
-    # Unpatched, the 2.62 job server kept every idle poll's residual: about 200 KB in 20 s (docs/flink.md).
+    # Unpatched, the 2.62 job server kept every idle poll's residual: 270 KB in 20 s (docs/flink.md).
     assert growth < 20_000, f"an idle job's checkpoints grew by {growth} bytes in 20 s"
+
+
+def rest(address: str, path: str, body: dict | None = None, method: str = "GET") -> dict:
+    """A call to a Flink REST API at `address` (host:port); its JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"http://{address}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else {}
 
 
 class MiniClusterRest:
@@ -152,13 +161,9 @@ class MiniClusterRest:
         assert match, "the job server logged no REST endpoint"
         self.address = match.group(1)
 
-    def get(self, path: str) -> dict:
-        with urllib.request.urlopen(f"http://{self.address}{path}", timeout=10) as response:
-            return json.loads(response.read())
-
     def latest_checkpoint(self) -> dict:
-        [job] = self.get("/jobs/overview")["jobs"]
-        return self.get(f"/jobs/{job['jid']}/checkpoints")["latest"]["completed"]
+        [job] = rest(self.address, "/jobs/overview")["jobs"]
+        return rest(self.address, f"/jobs/{job['jid']}/checkpoints")["latest"]["completed"]
 
 
 def checkpoint_growth(rest: MiniClusterRest, over_s: float) -> int:
@@ -177,19 +182,14 @@ class Cluster:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.env = dict(os.environ, FLINK_CLUSTER_DIR=str(folder), REST_PORT=str(_free_port()), TASKMANAGERS="2")
+        self.env = dict(os.environ, FLINK_CLUSTER_DIR=str(folder), REST_PORT=str(free_port()), TASKMANAGERS="2")
         self.master = f"localhost:{self.env['REST_PORT']}"
 
     def script(self, command: str) -> None:
         subprocess.run([str(self.SCRIPT), command], env=self.env, check=True, timeout=300)
 
     def rest(self, path: str, body: dict | None = None, method: str = "GET") -> dict:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"http://{self.master}{path}", data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as response:
-            raw = response.read()
-        return json.loads(raw) if raw else {}
+        return rest(self.master, path, body, method)
 
     def running_job(self) -> str:
         return next(j["jid"] for j in self.rest("/jobs/overview")["jobs"] if j["state"] == "RUNNING")
@@ -215,12 +215,6 @@ def standalone_cluster(tmp_path_factory) -> Iterator[Cluster]:
         yield cluster
     finally:
         subprocess.run([str(Cluster.SCRIPT), "stop"], env=cluster.env, timeout=120)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def launch(cluster: Cluster, config, topic, log: Path, metrics_port: int = 0, **env: str) -> subprocess.Popen:
@@ -290,13 +284,13 @@ def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording,
     produce_as_read(kafka_config, topic_names("in"), first)
     ports = (free_port(), free_port())
     launcher = launch(standalone_cluster, kafka_config, topic_names, tmp_path / "first.log", ports[0])
-    expired: dict[str, float] = {}
+    device_counts: dict[str, float] = {}
     try:
         wait_until(lambda: sum(v or 0 for v in committed_offsets(
             kafka_config, topic_names("in"), topic_names("flink-group")).values()) == len(first), 180,
             "commit of the first half")
         job = standalone_cluster.running_job()
-        expired["before the stop"] = metric(ports[0], "sensor_scoring_devices_expired_total")
+        device_counts["expired before the stop"] = metric(ports[0], "sensor_scoring_devices_expired_total")
         request = standalone_cluster.rest(f"/jobs/{job}/stop", {"drain": False}, method="POST")["request-id"]
         status: dict = {}
         wait_until(lambda: status.update(standalone_cluster.rest(f"/jobs/{job}/savepoints/{request}"))
@@ -307,8 +301,8 @@ def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording,
         launcher = launch(standalone_cluster, kafka_config, topic_names, tmp_path / "second.log", ports[1],
                           SAVEPOINT=savepoint)
         wait_until(lambda: len(read_all(kafka_config, topic_names("flink-scores"))) >= EVENTS, 180, "every score")
-        expired["after the restart"] = metric(ports[1], "sensor_scoring_devices_expired_total")
-        expired["started after the restart"] = metric(ports[1], "sensor_scoring_devices_started_total")
+        device_counts["expired after the restart"] = metric(ports[1], "sensor_scoring_devices_expired_total")
+        device_counts["started after the restart"] = metric(ports[1], "sensor_scoring_devices_started_total")
         restored = standalone_cluster.rest(f"/jobs/{standalone_cluster.running_job()}/checkpoints")["latest"]["restored"]
         assert restored and restored["is_savepoint"] and restored["external_path"] == savepoint, (restored, savepoint)
     finally:
@@ -316,7 +310,8 @@ def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording,
         stop_launcher(launcher)
     # A device state started after the restart was not restored: before the job server's fused stages got
     # names of their own (scripts/flink-job-server.patch), 3 restarts of 5 started all 8 again.
-    assert expired == {"before the stop": 0, "after the restart": 0, "started after the restart": 0}, expired
+    assert device_counts == {"expired before the stop": 0, "expired after the restart": 0,
+                             "started after the restart": 0}, device_counts
     assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
                      kafka_scores(kafka_config, topic_names("flink-scores")))
 

@@ -66,7 +66,7 @@ def test_folds_deal_each_groups_labelled_files_round_robin():
 def test_the_anomaly_free_file_is_cut_into_half_overlapping_file_sized_devices_labelled_normal():
     rows = 2 * FREE_SEGMENT + 10
     free = SkabFile("anomaly-free-anomaly-free", np.arange(rows) * 1000, ("x",), np.arange(rows)[:, None] * 1.0, None)
-    segments = free_segments([free], 400)
+    segments = free_segments([free])
     assert [s.readings[0, 0] for s in segments] == [0, FREE_SEGMENT // 2, 2 * (FREE_SEGMENT // 2)]
     assert all(len(s.readings) == len(s.times_ms) == len(s.labels) == FREE_SEGMENT for s in segments)
     assert all(not s.labels.any() for s in segments)
