@@ -67,8 +67,8 @@ fi
 patch_job_server() {
   local lib="$1" src="$work/src" classes="$work/classes" artifact
   mkdir -p "$src" "$classes"
-  for artifact in "beam-runners-flink-$FLINK:$BEAM" "beam-runners-java-fn-execution:$BEAM" "beam-sdks-java-core:$BEAM"; do
-    mvn -B -q dependency:copy -Dartifact="org.apache.beam:${artifact%%:*}:${artifact##*:}:jar:sources" \
+  for artifact in "beam-runners-flink-$FLINK" beam-runners-java-fn-execution beam-sdks-java-core; do
+    mvn -B -q dependency:copy -Dartifact="org.apache.beam:$artifact:$BEAM:jar:sources" \
         -DoutputDirectory="$work/sources" >>"$work/mvn.log" 2>&1 \
       || { tail -20 "$work/mvn.log" >&2; echo "fetch_flink.sh: Maven could not fetch $artifact's sources" >&2; exit 1; }
   done
