@@ -6,6 +6,10 @@ runs in a Beam pipeline and its commits are read back with a Kafka consumer.
 
 from __future__ import annotations
 
+import random
+import threading
+import uuid
+
 import apache_beam as beam
 import pytest
 from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
@@ -15,7 +19,15 @@ from hypothesis import strategies as st
 from kafka import TopicPartition
 
 from transforms.kafka_client import PartitionDescriptor, ensure_topics, make_consumer
-from transforms.offset_commits import CommitOffsets, SourcePosition, advance, compact_spans, merge_spans, partition_key
+from transforms.offset_commits import (
+    CommitOffsets,
+    GroupCommits,
+    SourcePosition,
+    advance,
+    compact_spans,
+    merge_spans,
+    partition_key,
+)
 
 
 @pytest.mark.parametrize(
@@ -119,3 +131,54 @@ def test_commit_offsets_commits_the_contiguous_end_to_the_broker(kafka_config, t
         assert consumer.committed(TopicPartition(topic, 2)) == 150
     finally:
         consumer.close()
+
+
+def test_group_commits_never_move_the_group_back_when_finalizers_run_out_of_order(kafka_config, topic_names):
+    """Two bundles' finalizers on two DoFn instances (two consumers), the later bundle's first: the group stays."""
+    topic, group = topic_names("events"), topic_names("group")
+    ensure_topics(kafka_config, [topic], partitions=1)
+    key = partition_key(topic, 0)
+    run = GroupCommits.of_run(f"{group}/{uuid.uuid4()}", {key: 0})
+    first, second = (make_consumer(kafka_config, group_id=group) for _ in range(2))
+    try:
+        assert run.commit(first, {key: 2100}) == {key: 2100}
+        assert run.commit(second, {key: 1051}) == {}
+        assert run.accepted(key) == 2100
+        assert second.committed(TopicPartition(topic, 0)) == 2100
+    finally:
+        first.close()
+        second.close()
+
+
+def test_group_commits_from_concurrent_finalizers_end_at_the_highest_offset(kafka_config, topic_names):
+    """Eight threads, each with its own consumer, commit interleaved offsets of one partition at once."""
+    topic, group = topic_names("events"), topic_names("group")
+    ensure_topics(kafka_config, [topic], partitions=1)
+    key = partition_key(topic, 0)
+    run = GroupCommits.of_run(f"{group}/{uuid.uuid4()}", {key: 0})
+    consumers = [make_consumer(kafka_config, group_id=group) for _ in range(8)]
+    offsets = list(range(1, 161))
+    random.Random(3).shuffle(offsets)
+    start = threading.Barrier(len(consumers))
+
+    def commit_share(i: int) -> None:
+        start.wait()
+        for offset in offsets[i::len(consumers)]:
+            run.commit(consumers[i], {key: offset})
+
+    threads = [threading.Thread(target=commit_share, args=(i,)) for i in range(len(consumers))]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert consumers[0].committed(TopicPartition(topic, 0)) == 160
+    finally:
+        for c in consumers:
+            c.close()
+
+
+def test_group_commits_are_one_per_run_and_process():
+    assert GroupCommits.of_run("g/a", {"t:0": 5}) is GroupCommits.of_run("g/a", {"t:0": 0})
+    assert GroupCommits.of_run("g/b", {"t:0": 0}) is not GroupCommits.of_run("g/a", {"t:0": 5})
+    assert GroupCommits.of_run("g/a", {}).accepted("t:0") == 5
