@@ -110,9 +110,9 @@ def test_bounded_kafka_job_on_flink_finishes_and_commits_the_end_offsets(bounded
 @pytest.mark.slow
 def test_streaming_job_on_flink_scores_commits_closes_windows_and_reclaims_devices(recording, tmp_path, kafka_config,
                                                                                  topic_names):
-    """Checkpoints every second: every event scored like the in-process runner, offsets committed after checkpoints,
-    every drift window closed with the bounded run's records and retrain triggers, every idle device reclaimed by
-    its timer."""
+    """Checkpoints every second: every event scored once like the in-process runner, offsets committed after
+    checkpoints, every drift window closed with the bounded run's records and retrain triggers, every idle device
+    reclaimed by its timer."""
     streaming_flags = ["--drift_window_s", "10", "--state_ttl_s", "20", "--retrain_after_windows", "1"]
     replay([recording], kafka_config, topic_names("in"), partitions=2)
     sensor_scoring.run([*kafka_job_args(kafka_config, topic_names, "direct"), "--bounded", *streaming_flags])
@@ -138,6 +138,7 @@ def test_streaming_job_on_flink_scores_commits_closes_windows_and_reclaims_devic
         job.stop()
     assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
                      kafka_scores(kafka_config, topic_names("flink-scores")))
+    assert len(read_all(kafka_config, topic_names("flink-scores"))) == EVENTS, "an event scored twice"
     assert drift_records(kafka_config, topic_names("flink-drift")) == expected_drift
     # Unpatched, the 2.62 job server kept every idle poll's residual: 270 KB in 20 s (docs/flink.md).
     assert growth < 20_000, f"an idle job's checkpoints grew by {growth} bytes in 20 s"
@@ -314,6 +315,7 @@ def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording,
                              "started after the restart": 0}, device_counts
     assert_identical(kafka_scores(kafka_config, topic_names("direct-scores")),
                      kafka_scores(kafka_config, topic_names("flink-scores")))
+    assert len(read_all(kafka_config, topic_names("flink-scores"))) == EVENTS, "an event scored twice"
 
 
 @pytest.mark.slow
