@@ -304,7 +304,8 @@ def test_stop_with_a_savepoint_and_restart_from_it_keeps_device_state(recording,
         wait_until(lambda: len(read_all(kafka_config, topic_names("flink-scores"))) >= EVENTS, 180, "every score")
         device_counts["expired after the restart"] = metric(ports[1], "sensor_scoring_devices_expired_total")
         device_counts["started after the restart"] = metric(ports[1], "sensor_scoring_devices_started_total")
-        restored = standalone_cluster.rest(f"/jobs/{standalone_cluster.running_job()}/checkpoints")["latest"]["restored"]
+        second_job = standalone_cluster.running_job()
+        restored = standalone_cluster.rest(f"/jobs/{second_job}/checkpoints")["latest"]["restored"]
         assert restored and restored["is_savepoint"] and restored["external_path"] == savepoint, (restored, savepoint)
     finally:
         standalone_cluster.cancel_all()
