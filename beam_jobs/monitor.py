@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from transforms.live_stats import LIVE, LiveStats
+from transforms.offset_commits import split_partition_key
 
 _LOG = logging.getLogger("sensor_scoring.status")
 QUANTILES = (0.5, 0.95, 0.99)
@@ -77,7 +78,7 @@ def prometheus_text(snapshot: dict) -> str:
               "# HELP sensor_scoring_consumer_lag records of the partition not yet answered for",
               "# TYPE sensor_scoring_consumer_lag gauge"]
     for key, lag in snapshot["lag"].items():
-        topic, partition = key.rsplit(":", 1)
+        topic, partition = split_partition_key(key)
         lines.append(f'sensor_scoring_consumer_lag{{topic="{topic}",partition="{partition}"}} {lag}')
     return "\n".join(lines) + "\n"
 

@@ -20,7 +20,6 @@ from schemas.serde import WIRE_FORMATS
 from transforms.event_time import WatermarkPolicy
 from transforms.kafka_client import START_FROM_CHOICES, KafkaConfig
 
-# (group, flag, argparse keywords): one table for parsing and for --help.
 
 def _true_or_false(text: str) -> bool:
     """A boolean flag that can be turned off as well as on (argparse's store_true cannot)."""
@@ -29,6 +28,7 @@ def _true_or_false(text: str) -> bool:
     return text.lower() == "true"
 
 
+# (group, flag, argparse keywords): one table for parsing and for --help.
 _OPTIONS: list[tuple[str, str, dict]] = [
     ("Kafka", "--bootstrap_servers", dict(
         default="localhost:9092", help="Kafka bootstrap servers, comma-separated (default localhost:9092)")),

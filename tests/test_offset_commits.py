@@ -133,12 +133,18 @@ def test_commit_offsets_commits_the_contiguous_end_to_the_broker(kafka_config, t
         consumer.close()
 
 
-def test_group_commits_never_move_the_group_back_when_finalizers_run_out_of_order(kafka_config, topic_names):
-    """Two bundles' finalizers on two DoFn instances (two consumers), the later bundle's first: the group stays."""
+@pytest.fixture
+def one_partition(kafka_config, topic_names) -> tuple[str, str, str, GroupCommits]:
+    """A new one-partition topic, a group, the partition's key and a job run's GroupCommits starting at 0."""
     topic, group = topic_names("events"), topic_names("group")
     ensure_topics(kafka_config, [topic], partitions=1)
     key = partition_key(topic, 0)
-    run = GroupCommits.of_run(f"{group}/{uuid.uuid4()}", {key: 0})
+    return topic, group, key, GroupCommits.of_run(f"{group}/{uuid.uuid4()}", {key: 0})
+
+
+def test_group_commits_never_move_the_group_back_when_finalizers_run_out_of_order(kafka_config, one_partition):
+    """Two bundles' finalizers on two DoFn instances (two consumers), the later bundle's first: the group stays."""
+    topic, group, key, run = one_partition
     first, second = (make_consumer(kafka_config, group_id=group) for _ in range(2))
     try:
         assert run.commit(first, {key: 2100}) == {key: 2100}
@@ -150,12 +156,9 @@ def test_group_commits_never_move_the_group_back_when_finalizers_run_out_of_orde
         second.close()
 
 
-def test_group_commits_from_concurrent_finalizers_end_at_the_highest_offset(kafka_config, topic_names):
+def test_group_commits_from_concurrent_finalizers_end_at_the_highest_offset(kafka_config, one_partition):
     """Eight threads, each with its own consumer, commit interleaved offsets of one partition at once."""
-    topic, group = topic_names("events"), topic_names("group")
-    ensure_topics(kafka_config, [topic], partitions=1)
-    key = partition_key(topic, 0)
-    run = GroupCommits.of_run(f"{group}/{uuid.uuid4()}", {key: 0})
+    topic, group, key, run = one_partition
     consumers = [make_consumer(kafka_config, group_id=group) for _ in range(8)]
     offsets = list(range(1, 161))
     random.Random(3).shuffle(offsets)

@@ -44,6 +44,12 @@ def partition_key(topic: str, partition: int) -> str:
     return f"{topic}:{partition}"
 
 
+def split_partition_key(key: str) -> tuple[str, int]:
+    """partition_key's topic and partition back (a topic name may hold colons)."""
+    topic, partition = key.rsplit(":", 1)
+    return topic, int(partition)
+
+
 def compact_spans(positions: Iterable[SourcePosition]) -> dict[str, list[Span]]:
     """Acknowledged positions as few [start, end) spans per partition."""
     per_partition: dict[str, list[Span]] = {}
@@ -113,15 +119,10 @@ class GroupCommits:
         with self._commit_lock:
             ahead = {key: offset for key, offset in offsets.items() if offset > self.accepted(key)}
             if ahead:
-                consumer.commit({_topic_partition(key): OffsetAndMetadata(offset, "", -1)
+                consumer.commit({TopicPartition(*split_partition_key(key)): OffsetAndMetadata(offset, "", -1)
                                  for key, offset in ahead.items()})
                 self._accepted.update(ahead)
             return ahead
-
-
-def _topic_partition(key: str) -> TopicPartition:
-    topic, partition = key.rsplit(":", 1)
-    return TopicPartition(topic, int(partition))
 
 
 class _CommitContiguousFn(beam.DoFn):
