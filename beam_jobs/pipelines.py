@@ -45,6 +45,18 @@ def in_process_streaming(options: PipelineOptions) -> bool:
     return bool(standard.streaming) and runs_in_process(standard.runner)
 
 
+def reorders_keyed_input(options: PipelineOptions) -> bool:
+    """Whether a stateful DoFn may see a key's elements out of the order they were sent in.
+
+    Flink in batch does (its grouping sorts by key only), so there the
+    device state gets each device's events sorted by read position
+    (transforms/read_order.py). Streaming runners and the in-process runner
+    keep the order.
+    """
+    standard = options.view_as(StandardOptions)
+    return not standard.streaming and flink_runner.is_flink(standard.runner)
+
+
 def calls_bundle_finalizers(options: PipelineOptions) -> bool:
     """Whether the runner calls bundle finalizers, which the commit step registers its commits with.
 

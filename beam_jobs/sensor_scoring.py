@@ -35,7 +35,13 @@ from beam_jobs.drift_output import write_drift
 from beam_jobs.local_processes import PROCESS_LABEL_ENV, LocalProcesses, LocalProcessesError, check_runner
 from beam_jobs.monitor import Monitor
 from beam_jobs.options import SensorScoringOptions, help_parser, kafka_config, rollout_config, watermark_policy
-from beam_jobs.pipelines import calls_bundle_finalizers, in_process_streaming, new_pipeline, run_to_end
+from beam_jobs.pipelines import (
+    calls_bundle_finalizers,
+    in_process_streaming,
+    new_pipeline,
+    reorders_keyed_input,
+    run_to_end,
+)
 from beam_jobs.recordings import RecordingError
 from models.artifact import ModelArtifactError
 from models.rollout import RolloutError
@@ -65,7 +71,8 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     records = pipeline | "ReadKafka" >> ReadFromKafkaPartitions(
         config, partitions, event_time_of=EventTimeReader(opts.wire_format), policy=watermark_policy(opts),
         fetch_max_wait_ms=opts.fetch_max_wait_ms)
-    scoring = scoring_transform(opts, audit=bool(opts.audit_topic), in_process=in_process_streaming(pipeline.options))
+    scoring = scoring_transform(opts, audit=bool(opts.audit_topic), in_process=in_process_streaming(pipeline.options),
+                                in_read_order=reorders_keyed_input(pipeline.options))
     decoded, messages = records | "ScoreRecords" >> scoring
     topics = {SCORES: opts.score_topic, DEAD_LETTERS: opts.dead_letter_topic}
     if opts.audit_topic:
@@ -78,7 +85,8 @@ def build_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions, partitio
     write_drift(decoded, messages, pipeline.options, config)
 
 
-def scoring_transform(opts: SensorScoringOptions, audit: bool = False, in_process: bool = False) -> ScoreSensorRecords:
+def scoring_transform(opts: SensorScoringOptions, audit: bool = False, in_process: bool = False,
+                      in_read_order: bool = False) -> ScoreSensorRecords:
     """The scoring path both modes run, configured from the options; audit records only to Kafka.
 
     `in_process`: streaming on the in-process runner (beam_jobs.pipelines.in_process_streaming).
@@ -87,7 +95,7 @@ def scoring_transform(opts: SensorScoringOptions, audit: bool = False, in_proces
         rollout=rollout_config(opts), state_ttl_s=opts.state_ttl_s, max_batch_size=opts.max_batch_size,
         wire_format=opts.wire_format, inference_device=opts.inference_device,
         pseudonymize_key_env=opts.pseudonymize_key_env, audit=audit, policy=watermark_policy(opts),
-        in_process_streaming=in_process,
+        in_process_streaming=in_process, in_read_order=in_read_order,
     )
 
 
@@ -100,7 +108,8 @@ def build_file_pipeline(pipeline: beam.Pipeline, opts: SensorScoringOptions) -> 
     """
     records = pipeline | "ReadRecordings" >> ReadRecordingAsRecords(
         opts.input_files, opts.wire_format, watermark_policy(opts))
-    _, messages = records | "ScoreRecords" >> scoring_transform(opts)
+    _, messages = records | "ScoreRecords" >> scoring_transform(
+        opts, in_read_order=reorders_keyed_input(pipeline.options))
     scores, dead_letters, shadow_scores = messages | "ByStream" >> beam.Partition(
         lambda m, _: STREAMS.index(m.stream), len(STREAMS))
     _ = scores | "WriteScores" >> WriteAvroFiles(f"{opts.output_dir}/scores", SCORE, opts.wire_format)

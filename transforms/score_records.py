@@ -11,6 +11,7 @@ from transforms.device_state import KeepDeviceState
 from transforms.event_time import WatermarkPolicy
 from transforms.in_process_runner import KeepDeviceStateOnEvidence
 from transforms.kafka_sink import OutgoingMessage
+from transforms.read_order import InReadOrder
 from transforms.scoring import ScoreEvents
 
 
@@ -27,12 +28,17 @@ class ScoreSensorRecords(beam.PTransform):
     when a shadow model runs (models/rollout.py). `in_process_streaming`
     takes the in-process runner's workarounds instead
     (transforms/in_process_runner.py; chosen by beam_jobs.pipelines).
+    `in_read_order` gives the device state each device's events as one
+    element in read order (transforms/read_order.py), for runners that do
+    not keep their order (also chosen by beam_jobs.pipelines).
     """
 
     def __init__(self, *, rollout: RolloutConfig, state_ttl_s: float, max_batch_size: int, wire_format: str = "plain",
                  inference_device: str = "CPU", pseudonymize_key_env: str | None = None, audit: bool = False,
-                 policy: WatermarkPolicy = WatermarkPolicy(), in_process_streaming: bool = False):
+                 policy: WatermarkPolicy = WatermarkPolicy(), in_process_streaming: bool = False,
+                 in_read_order: bool = False):
         super().__init__()
+        self._in_read_order = in_read_order
         self._policy = policy
         self._in_process_streaming = in_process_streaming
         self._rollout = rollout
@@ -54,7 +60,8 @@ class ScoreSensorRecords(beam.PTransform):
             device_state = KeepDeviceStateOnEvidence(self._rollout, self._state_ttl_s, lateness_s)
             return decoded, decoded | "DeviceState" >> device_state | "Score" >> score
         decoded, rejected = records | "Decode" >> decode
-        scores = decoded | "DeviceState" >> KeepDeviceState(self._rollout, self._state_ttl_s, lateness_s) \
+        keyed = decoded | "InReadOrder" >> InReadOrder() if self._in_read_order else decoded
+        scores = keyed | "DeviceState" >> KeepDeviceState(self._rollout, self._state_ttl_s, lateness_s) \
             | "Score" >> score
         dead_letters = rejected | "DeadLetters" >> DeadLetterMessages(self._wire_format)
         return decoded, (scores, dead_letters) | "Messages" >> beam.Flatten()
